@@ -1,0 +1,7 @@
+"""Callbacks the CLI always adds: calibration, results (metrics, CSV) and heatmap export."""
+
+from adx.callbacks.calibration import Calibration
+from adx.callbacks.heatmaps import HeatmapWriter
+from adx.callbacks.results import ResultsWriter
+
+__all__ = ["Calibration", "HeatmapWriter", "ResultsWriter"]

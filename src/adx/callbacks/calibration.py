@@ -1,0 +1,111 @@
+"""Thresholds and normalisation statistics from the validation set, written into model buffers."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from adx.callbacks.collect import Collector
+from adx.metrics import f1_max, quantile_threshold
+from adx.models.base import AnomalyModule
+
+
+class Calibration(Callback):
+    """Fits image and pixel thresholds (F1-optimal, normal-score quantile, or manual) on validation outputs.
+
+    ``auto`` picks ``f1`` when the validation set holds anomalous images and ``quantile`` otherwise.
+    With ``quantile``, the image threshold is the ``quantile`` of normal image scores and the pixel
+    threshold the same quantile of the per-image maxima of normal maps (so that fraction of normal images
+    shows no predicted defect pixel). Min/max for normalisation come from the same validation outputs.
+    """
+
+    def __init__(
+        self,
+        method: Literal["auto", "f1", "quantile", "manual"] = "auto",
+        quantile: float = 0.99,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"calibration.quantile must be in (0, 1], got {quantile}")
+        if method == "manual" and (image_threshold is None or pixel_threshold is None):
+            raise ValueError(
+                "calibration.method manual needs calibration.image_threshold and pixel_threshold"
+            )
+        self.method, self.quantile = method, quantile
+        self.manual = (image_threshold, pixel_threshold)
+        self.collector = Collector(keys=("image_score", "anomaly_map", "label", "mask", "has_mask"))
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.collector.reset()
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.collector.add(outputs)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not isinstance(pl_module, AnomalyModule) or not len(self.collector):
+            return
+        data = self.collector.cat()
+        scores, maps, labels = data["image_score"].float(), data["anomaly_map"].float(), data["label"]
+        normal = labels == 0
+        has_anomalies = bool((labels == 1).any())
+        method = self.method if self.method != "auto" else ("f1" if has_anomalies else "quantile")
+        if method == "f1" and not has_anomalies:
+            raise ValueError(
+                "calibration.method f1 needs anomalous validation images: set data.val_source "
+                "test_split, or use calibration.method quantile"
+            )
+        if method == "f1":
+            image_thr = f1_max(scores, labels)[1]
+            gt = (labels == 0) | data["has_mask"].bool()
+            pixel_thr = f1_max(maps[gt], data["mask"].squeeze(1)[gt] > 0.5)[1]
+        elif method == "quantile":
+            if not normal.any():
+                raise ValueError("calibration.method quantile needs normal validation images")
+            image_thr = quantile_threshold(scores[normal], self.quantile)
+            pixel_thr = quantile_threshold(maps[normal].flatten(1).max(1).values, self.quantile)
+        else:
+            image_thr, pixel_thr = self.manual
+        source = self._describe(trainer, method, int(normal.sum()), int((labels == 1).sum()))
+        pl_module.set_calibration(
+            source,
+            image_threshold=image_thr,
+            pixel_threshold=pixel_thr,
+            image_min=scores.min(),
+            image_max=scores.max(),
+            pixel_min=maps.min(),
+            pixel_max=maps.max(),
+        )
+        rank_zero_info(f"adx: thresholds image={image_thr:.4g} pixel={pixel_thr:.4g} ({source})")
+        self.collector.reset()
+
+    def _describe(self, trainer: Trainer, method: str, n_normal: int, n_anomalous: int) -> str:
+        val_source = getattr(trainer.datamodule, "val_source", "validation")
+        what = {
+            "f1": "F1-optimal",
+            "quantile": f"{self.quantile} quantile of normal scores",
+            "manual": "manual",
+        }[method]
+        return f"{what} on validation '{val_source}' ({n_normal} normal, {n_anomalous} anomalous images)"
+
+
+def calibration_state(pl_module: AnomalyModule) -> dict[str, float | str]:
+    """Thresholds and normalisation statistics of a model, for reports."""
+    from adx.models.base import CALIBRATION_BUFFERS
+
+    out: dict[str, float | str] = {k: float(getattr(pl_module, k)) for k in CALIBRATION_BUFFERS}
+    out["source"] = pl_module.threshold_source
+    return out
+
+
+__all__ = ["Calibration", "calibration_state"]

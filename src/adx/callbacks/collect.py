@@ -1,0 +1,42 @@
+"""Accumulates step outputs on the CPU for epoch-end computations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Collector:
+    """Keeps chosen keys of step outputs (tensors moved to the CPU; lists extended)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = tuple(keys)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything collected."""
+        self.store: dict[str, list[Any]] = {k: [] for k in self.keys}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.store.values())
+
+    def add(self, outputs: dict[str, Any]) -> None:
+        """Append the wanted keys of one step's output dict."""
+        for key in self.keys:
+            if key not in outputs:
+                continue
+            value = outputs[key]
+            if isinstance(value, Tensor):
+                value = value.detach().cpu()
+                self.store[key].append(value)
+            else:
+                self.store[key].extend(value)
+
+    def cat(self) -> dict[str, Any]:
+        """Concatenated tensors (lists stay lists) for every key that was seen."""
+        return {
+            k: (torch.cat(v) if v and isinstance(v[0], Tensor) else v) for k, v in self.store.items() if v
+        }

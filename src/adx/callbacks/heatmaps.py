@@ -1,0 +1,79 @@
+"""Heatmap images for test and predict: input with ground-truth contour, heatmap overlay, predicted mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from adx.callbacks.results import exclusive_path, run_dir
+from adx.visualize import panel, save_png, to_uint8_image
+
+
+class HeatmapWriter(Callback):
+    """Writes one PNG panel per image under ``<run>/heatmaps/<defect_type>/`` (never overwriting).
+
+    Maps are shown normalised by the model's calibration (0.5 = threshold); without calibration, by the
+    batch's own min/max, and no predicted mask is drawn.
+    """
+
+    def __init__(self, enabled: bool = True, max_images: int | None = None, folder: str = "heatmaps") -> None:
+        self.enabled, self.max_images, self.folder = enabled, max_images, folder
+        self.written = 0
+
+    def _reset(self, *_: Any) -> None:
+        self.written = 0
+
+    on_test_epoch_start = _reset
+    on_predict_epoch_start = _reset
+
+    def _write(self, trainer: Trainer, outputs: dict[str, Any]) -> None:
+        if not self.enabled or (self.max_images is not None and self.written >= self.max_images):
+            return
+        maps = outputs.get("norm_map")
+        if maps is None:
+            raw = outputs["anomaly_map"]
+            lo, hi = raw.min(), raw.max()
+            maps = (raw - lo) / (hi - lo).clamp_min(1e-12)
+        pred = outputs.get("pred_mask")
+        root = run_dir(trainer) / self.folder
+        for i, path in enumerate(outputs["path"]):
+            if self.max_images is not None and self.written >= self.max_images:
+                return
+            gt = outputs["mask"][i, 0].bool().cpu().numpy() if bool(outputs["has_mask"][i]) else None
+            tile = panel(
+                to_uint8_image(outputs["image"][i]),
+                maps[i].float().cpu().numpy(),
+                pred[i].cpu().numpy() if pred is not None else None,
+                gt,
+            )
+            folder = root / str(outputs["defect_type"][i])
+            folder.mkdir(parents=True, exist_ok=True)
+            save_png(exclusive_path(folder, Path(path).stem + ".png"), tile)
+            self.written += 1
+
+    @torch.no_grad()
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._write(trainer, outputs)
+
+    @torch.no_grad()
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._write(trainer, outputs)

@@ -1,0 +1,175 @@
+"""Test and predict outputs to files: metrics.json and scores.csv (test), predictions.csv (predict)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from adx.callbacks.calibration import calibration_state
+from adx.callbacks.collect import Collector
+from adx.metrics import compute_metrics, format_table
+
+ROW_KEYS = ("path", "defect_type", "label", "image_score", "pred_score", "pred_label")
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The folder this run writes into (the CLI makes it a fresh versioned folder)."""
+    return Path(trainer.default_root_dir)
+
+
+def exclusive_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``name`` with a numeric suffix if that file exists: never overwrite results."""
+    path, stem, suffix, i = folder / name, Path(name).stem, Path(name).suffix, 1
+    while path.exists():
+        path, i = folder / f"{stem}_{i}{suffix}", i + 1
+    return path
+
+
+def write_rows(path: Path, rows: dict[str, list[Any]]) -> None:
+    """Write a column dict as CSV."""
+    keys = [k for k in ROW_KEYS if k in rows]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(keys)
+        for values in zip(*(rows[k] for k in keys), strict=True):
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+
+
+def _columns(data: dict[str, Any]) -> dict[str, list[Any]]:
+    return {
+        k: (v.tolist() if isinstance(v, torch.Tensor) else list(v)) for k, v in data.items() if k in ROW_KEYS
+    }
+
+
+class ResultsWriter(Callback):
+    """Computes image/pixel AUROC, AUPRO and F1-max on the test set; writes metrics.json and CSVs.
+
+    Pixel metrics use maps at the model's input size, area-downsampled when the long side exceeds
+    ``metrics_max_size`` (masks nearest), to bound memory at high resolution.
+    """
+
+    def __init__(self, pixel_metrics: bool = True, metrics_max_size: int = 512) -> None:
+        self.pixel_metrics, self.metrics_max_size = pixel_metrics, metrics_max_size
+        keys = ROW_KEYS + (("anomaly_map", "mask", "has_mask") if pixel_metrics else ())
+        self.collector = Collector(keys)
+        self._t0 = 0.0
+
+    def _add(self, outputs: dict[str, Any]) -> None:
+        if self.pixel_metrics and "anomaly_map" in outputs:
+            outputs = dict(outputs)
+            maps, masks = outputs["anomaly_map"], outputs["mask"].float()
+            if max(maps.shape[-2:]) > self.metrics_max_size:
+                scale = self.metrics_max_size / max(maps.shape[-2:])
+                size = [max(1, round(s * scale)) for s in maps.shape[-2:]]
+                maps = F.interpolate(maps[:, None], size=size, mode="area")[:, 0]
+                masks = F.interpolate(masks, size=size, mode="nearest")
+            outputs["anomaly_map"], outputs["mask"] = maps, masks
+        self.collector.add(outputs)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.collector.reset()
+        self._t0 = time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._add(outputs)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        seconds = time.perf_counter() - self._t0
+        data = self.collector.cat()
+        if not data:
+            return
+        labels = data["label"]
+        known = labels >= 0
+        maps = data.get("anomaly_map")
+        metrics = compute_metrics(
+            data["image_score"][known],
+            labels[known],
+            maps[known] if maps is not None else None,
+            data["mask"][known].squeeze(1) if maps is not None else None,
+            data["has_mask"][known] if maps is not None else None,
+        )
+        for key, value in metrics.items():
+            pl_module.log(f"test/{key}", value)
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(labels)
+        report = {
+            "metrics": metrics,
+            "n_test": n,
+            "n_anomalous": int((labels == 1).sum()),
+            "test_seconds": round(seconds, 3),
+            "test_images_per_second": round(n / seconds, 3) if seconds > 0 else None,
+            "calibration": calibration_state(pl_module),
+            **run_facts(trainer, pl_module),
+        }
+        metrics_path = exclusive_path(folder, "metrics.json")
+        metrics_path.write_text(json.dumps(report, indent=2, default=str))
+        write_rows(exclusive_path(folder, "scores.csv"), _columns(data))
+        rank_zero_info(
+            f"\n{format_table(metrics)}\nadx: {n} test images in {seconds:.1f} s; wrote {metrics_path}"
+        )
+        self.collector.reset()
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.collector.reset()
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.collector.add({k: v for k, v in outputs.items() if k in ROW_KEYS})
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        data = self.collector.cat()
+        if not data:
+            return
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = exclusive_path(folder, "predictions.csv")
+        write_rows(path, _columns(data))
+        rank_zero_info(f"adx: wrote scores of {len(data['path'])} images to {path}")
+        self.collector.reset()
+
+
+def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Model, data, device and backbone-weights facts recorded next to the metrics."""
+    dm = trainer.datamodule
+    backbone = getattr(getattr(pl_module, "model", None), "backbone", None)
+    return {
+        "model": type(pl_module).__name__,
+        "hparams": dict(pl_module.hparams),
+        "data": {
+            "class": type(dm).__name__ if dm else None,
+            "name": getattr(dm, "name", None),
+            "category": getattr(dm, "category", None),
+            "image_size": getattr(dm, "image_size", None),
+            "val_source": getattr(dm, "val_source", None),
+        },
+        "device": str(pl_module.device),
+        "weights": {
+            "backbone": getattr(backbone, "name", None),
+            "file": getattr(backbone, "weights_source", None),
+            "sha256": getattr(backbone, "weights_sha256", None),
+        },
+    }

@@ -1,0 +1,200 @@
+"""``adx``: the LightningCLI subclass behind ``adx fit|validate|test|predict``.
+
+Additions to LightningCLI: each run gets a fresh folder ``<root_dir>/<model>/<dataset>/<category>/v<N>/``;
+calibration, results and heatmap callbacks are always on (configured as ``--calibration.*``,
+``--results.*``, ``--heatmaps.*``); ``fit`` tests the fitted model when the data has a test split;
+``--ckpt FILE`` restores a run's saved config, so ``adx test --ckpt last.ckpt`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import adx.models  # noqa: F401  (importing registers every model for subclass resolution)
+from adx.callbacks import Calibration, HeatmapWriter, ResultsWriter
+from adx.data import AnomalyDataModule
+from adx.models.base import AnomalyModule
+
+CONFIG_KEY = "adx_config"
+QUIET = (  # Lightning notices that do not apply to adx's frozen backbones and one-pass methods
+    r".*configure_optimizers.* returned `None`",
+    r"Found \d+ module\(s\) in eval mode",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r"The number of training batches .* is smaller than the logging interval",
+    r".*litlogger",
+)
+
+
+class AdxSaveConfig(SaveConfigCallback):
+    """Saves config.yaml in the run folder and embeds it in every checkpoint."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_none=False)
+
+
+def new_run_dir(root: Path, *parts: str) -> Path:
+    """Create and return ``root/parts.../v<N>`` with N one above the highest existing version."""
+    base = root.joinpath(*[re.sub(r"[^\w.-]+", "_", p) for p in parts])
+    base.mkdir(parents=True, exist_ok=True)
+    n = (
+        max([int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))], default=-1)
+        + 1
+    )
+    while True:
+        try:
+            (base / f"v{n}").mkdir()
+            return base / f"v{n}"
+        except FileExistsError:  # a concurrent run took it
+            n += 1
+
+
+class AdxCLI(LightningCLI):
+    """LightningCLI with run folders, always-on adx callbacks and fit-then-test."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.run_dir: Path | None = None
+        super().__init__(
+            model_class=AnomalyModule,
+            subclass_mode_model=True,
+            datamodule_class=AnomalyDataModule,
+            subclass_mode_data=True,
+            save_config_callback=AdxSaveConfig,
+            save_config_kwargs={"overwrite": False},
+            trainer_defaults={"num_sanity_val_steps": 0},
+            parser_kwargs={"parser_mode": "omegaconf"},
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--root_dir",
+            type=str,
+            default="results",
+            help="Base folder of run folders <root_dir>/<model>/<dataset>/<category>/v<N>/.",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, evaluate on the test split (when the data has one).",
+        )
+        parser.add_lightning_class_args(Calibration, "calibration")
+        parser.add_lightning_class_args(ResultsWriter, "results")
+        parser.add_lightning_class_args(HeatmapWriter, "heatmaps")
+
+    def _parse_ckpt_path(self) -> None:
+        """Configs come from the run's saved config.yaml (see expand_ckpt), not from hyperparameters."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("default_root_dir"):
+            self.run_dir = Path(cfg["default_root_dir"])
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            dm = self.datamodule
+            self.run_dir = new_run_dir(
+                Path(self._get(self.config_init, "root_dir")),
+                type(self.model).__name__.lower(),
+                getattr(dm, "name", "data"),
+                str(getattr(dm, "category", None) or "default"),
+            )
+        kwargs["default_root_dir"] = str(self.run_dir)
+        if cfg.get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(
+                str(self.run_dir), name="", version="", default_hp_metric=False
+            )
+        callbacks = list(cfg.get("callbacks") or [])
+        if self.subcommand == "fit" and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(
+                ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0)
+            )
+        kwargs["callbacks"] = callbacks
+        print(f"adx: run folder {self.run_dir}", file=sys.stderr)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Evaluate the fitted model on the test split, in the same run folder."""
+        if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished":
+            self.datamodule.setup("test")
+            if getattr(self.datamodule, "test_samples", None):
+                self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def after_predict(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        print(f"adx: results in {self.run_dir}", file=sys.stderr)
+
+
+def _option_value(args: list[str], name: str) -> tuple[int, str | None]:
+    """Position and value of ``--name VALUE`` or ``--name=VALUE`` in args (-1, None if absent)."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return i, args[i + 1]
+        if arg.startswith(name + "="):
+            return i, arg.split("=", 1)[1]
+    return -1, None
+
+
+def saved_config(ckpt: Path) -> Path:
+    """The config.yaml of the run that wrote ``ckpt`` (next to it or above), else the copy inside it."""
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in state:
+        raise SystemExit(
+            f"adx: {ckpt} has no embedded config and no config.yaml beside it; pass --config too."
+        )
+    out = Path(tempfile.mkdtemp(prefix="adx_")) / "config.yaml"
+    out.write_text(state[CONFIG_KEY])
+    return out
+
+
+def expand_ckpt(args: list[str]) -> list[str]:
+    """Turn ``--ckpt FILE`` into ``--ckpt_path FILE``, adding the run's saved config if none is given."""
+    i, value = _option_value(args, "--ckpt")
+    if value is None:
+        return args
+    ckpt = Path(value)
+    if not ckpt.is_file():
+        raise SystemExit(f"adx: checkpoint {ckpt} does not exist.")
+    rest = args[:i] + args[i + (1 if "=" in args[i] else 2) :]
+    if "--config" not in rest and not any(a.startswith("--config=") for a in rest) and rest:
+        rest = [rest[0], "--config", str(saved_config(ckpt)), *rest[1:]]
+    return [*rest, "--ckpt_path", str(ckpt)]
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``adx``."""
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    argv = expand_ckpt(list(sys.argv[1:] if args is None else args))
+    sys.argv = [sys.argv[0], *argv]
+    AdxCLI()
+
+
+if __name__ == "__main__":
+    main()

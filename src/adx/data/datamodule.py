@@ -1,0 +1,386 @@
+"""Lightning datamodules: a base with validation-source handling and MVTec/Folder/GoodNG/Synthetic subclasses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader
+
+from adx.data.dataset import AnomalyDataset, to_hw
+from adx.data.folder import list_folder
+from adx.data.goodng import list_goodng
+from adx.data.mvtec import ROOT_ENV, check_root, list_mvtec
+from adx.data.samples import AdxDataError, Sample, check_samples, is_image_file, list_images
+from adx.data.synthetic import make_synthetic
+
+ValSource = Literal["train_split", "test_split", "test", "none"]
+CACHE_ENV = "ADX_CACHE_DIR"
+
+
+@rank_zero_only
+def _echo(message: str) -> None:
+    """Print on global rank zero only."""
+    print(message, flush=True)
+
+
+def list_predict_path(path: str | Path) -> list[Sample]:
+    """Samples (label -1, split "predict") for an image file or all images under a folder (recursive)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if not is_image_file(p):
+            raise AdxDataError(
+                f"--data.path '{p}' is not an image (png/jpg/jpeg/bmp/tif/tiff). Pass an image or a folder."
+            )
+        files = [p]
+    elif p.is_dir():
+        files = list_images(p, recursive=True)
+        if not files:
+            raise AdxDataError(
+                f"no images found under --data.path folder '{p}'. Point it at a folder with images."
+            )
+    else:
+        raise AdxDataError(f"--data.path '{p}' does not exist. Pass an existing image file or folder.")
+    return [Sample(str(f), -1, "predict", "unknown") for f in files]
+
+
+def _take(
+    samples: list[Sample], ratio: float, rng: np.random.Generator, keep: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Randomly pick ``round(ratio * n)`` (at least 1, leaving ``keep``) samples; return (picked, rest) in order."""
+    n = len(samples)
+    k = min(max(1, round(ratio * n)), n - keep) if n else 0
+    chosen = set(rng.permutation(n)[: max(k, 0)].tolist())
+    picked = [s for i, s in enumerate(samples) if i in chosen]
+    return picked, [s for i, s in enumerate(samples) if i not in chosen]
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Base datamodule: subclasses implement ``_list()``, ``name`` and ``category``; this handles splits and loaders.
+
+    ``val_source``: ``train_split`` holds out a seeded ``val_ratio`` of train/good (normal only); ``test_split``
+    moves a seeded, stratified ``val_ratio`` of the test set to validation (removed from test); ``test`` validates
+    on the test set itself (thresholds then fit on test data); ``none`` disables validation.
+    Validation samples keep their original ``split`` field ("train" or "test").
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 256,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        num_workers: int = 2,
+        val_source: ValSource = "train_split",
+        val_ratio: float = 0.1,
+        seed: int = 0,
+        path: str | None = None,
+        verify_images: bool = True,
+    ) -> None:
+        super().__init__()
+        self.image_size = to_hw(image_size)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise AdxDataError(f"{key} must be >= 1, got {value}. Fix --data.{key}.")
+        if num_workers < 0:
+            raise AdxDataError(f"num_workers must be >= 0, got {num_workers}. Fix --data.num_workers.")
+        if val_source not in ("train_split", "test_split", "test", "none"):
+            raise AdxDataError(
+                f"val_source must be one of train_split, test_split, test, none; got {val_source!r}. Fix --data.val_source."
+            )
+        if val_source in ("train_split", "test_split") and not 0.0 < val_ratio < 1.0:
+            raise AdxDataError(f"val_ratio must be in (0, 1), got {val_ratio}. Fix --data.val_ratio.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_source = val_source
+        self.val_ratio = val_ratio
+        self.seed = seed
+        self.path = path
+        self.verify_images = verify_images
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+        self.predict_samples: list[Sample] = []
+        self._listed = False
+
+    # --- to implement in subclasses -------------------------------------------------------------------------
+    def _list(self) -> list[Sample]:
+        """All train and test samples of the dataset."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """Dataset name used for run folders (subclasses override)."""
+        return type(self).__name__.lower()
+
+    @property
+    def category(self) -> str:
+        """Category name used for run folders (subclasses override)."""
+        return "default"
+
+    def _summary_note(self) -> str:
+        """Optional extra text for the split summary."""
+        return ""
+
+    # --- splits -----------------------------------------------------------------------------------------------
+    @property
+    def val_has_anomalies(self) -> bool:
+        """True if the validation set contains anomalous images (so thresholds can use both classes)."""
+        return any(s.label == 1 for s in self.val_samples)
+
+    def setup(self, stage: str | None = None) -> None:
+        """List and check samples (once), split them, and print a summary."""
+        if stage == "predict" and self.path is not None:
+            if not self.predict_samples:
+                self.predict_samples = list_predict_path(self.path)
+                check_samples(self.predict_samples, self.verify_images)
+                _echo(f"[adx.data] predict: {len(self.predict_samples)} image(s) from '{self.path}'")
+            return
+        if not self._listed:
+            samples = self._list()
+            check_samples(samples, self.verify_images)
+            self._split(samples)
+            self._listed = True
+            _echo(self.summary())
+        if stage == "predict":
+            self.predict_samples = [*self.test_samples]
+
+    def _split(self, samples: list[Sample]) -> None:
+        """Fill train/val/test sample lists according to ``val_source``."""
+        train = [s for s in samples if s.split == "train"]
+        test = [s for s in samples if s.split == "test"]
+        if not train:
+            raise AdxDataError(
+                f"dataset '{self.name}/{self.category}' has no training images. Check --data.root."
+            )
+        rng = np.random.default_rng(self.seed)
+        val: list[Sample] = []
+        if self.val_source == "train_split":
+            if len(train) < 2:
+                raise AdxDataError(
+                    f"val_source=train_split needs >= 2 training images, '{self.name}/{self.category}' has "
+                    f"{len(train)}. Add images or set --data.val_source none."
+                )
+            val, train = _take(train, self.val_ratio, rng, keep=1)
+        elif self.val_source == "test_split":
+            good = [s for s in test if s.label == 0]
+            bad = [s for s in test if s.label != 0]
+            val_good, test_good = _take(good, self.val_ratio, rng, keep=1)
+            val_bad, test_bad = _take(bad, self.val_ratio, rng, keep=1)
+            val = val_good + val_bad
+            test = test_good + test_bad
+        elif self.val_source == "test":
+            val = list(test)
+        self.train_samples, self.val_samples, self.test_samples = train, val, test
+
+    def summary(self) -> str:
+        """A short multi-line description of the splits."""
+        n_good = sum(s.label == 0 for s in self.test_samples)
+        n_bad = len(self.test_samples) - n_good
+        val_good = sum(s.label == 0 for s in self.val_samples)
+        val_desc = {
+            "train_split": f"held out {self.val_ratio:.0%} of train/good, normal only, seed {self.seed}",
+            "test_split": f"{self.val_ratio:.0%} of test moved to val (removed from test), seed {self.seed}",
+            "test": "the test set itself",
+            "none": "disabled",
+        }[self.val_source]
+        h, w = self.image_size
+        lines = [
+            f"[adx.data] {self.name}/{self.category} @ {h}x{w}{self._summary_note()}",
+            f"  train {len(self.train_samples)} | val {len(self.val_samples)} ({val_good} good, "
+            f"{len(self.val_samples) - val_good} defective; {self.val_source}: {val_desc})",
+            f"  test  {len(self.test_samples)} ({n_good} good, {n_bad} defective)",
+        ]
+        if self.val_source == "test":
+            lines.append(
+                "  !!! WARNING: val_source=test - validation IS the test set, so thresholds/early stopping are fitted "
+                "on test data and test metrics are optimistic. Use train_split or test_split for honest numbers."
+            )
+        return "\n".join(lines)
+
+    # --- loaders ----------------------------------------------------------------------------------------------
+    def _loader(self, samples: list[Sample], batch_size: int, shuffle: bool) -> DataLoader:
+        """DataLoader over ``samples`` with this module's worker settings."""
+        return DataLoader(
+            AnomalyDataset(samples, self.image_size),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[Any]:
+        return self._loader(self.val_samples, self.eval_batch_size, shuffle=False) if self.val_samples else []
+
+    def _require(self, samples: list[Sample], stage: str) -> list[Sample]:
+        """Return ``samples`` or raise a clear error when the stage has no images."""
+        if not samples:
+            raise AdxDataError(
+                f"dataset '{self.name}/{self.category}' has no images for stage '{stage}'. Add test images, "
+                "pass --data.path for predict, or use --data.val_source train_split/none so validation keeps them."
+            )
+        return samples
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.test_samples, "test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(
+            self._require(self.predict_samples, "predict"), self.eval_batch_size, shuffle=False
+        )
+
+
+def _env_root(root: str | None) -> str | None:
+    """``root`` or, if None, the ``ADX_DATA_ROOT`` environment variable."""
+    return root if root is not None else os.environ.get(ROOT_ENV)
+
+
+class MVTec(AnomalyDataModule):
+    """MVTec-AD-layout dataset ``<root>/<category>``; ``root`` defaults to ``$ADX_DATA_ROOT``."""
+
+    def __init__(self, root: str | None = None, category: str = "bottle", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = _env_root(root)
+        self._category = category
+
+    @property
+    def name(self) -> str:
+        return Path(self.root).expanduser().resolve().name.lower() if self.root else "mvtec"
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    def _list(self) -> list[Sample]:
+        return list_mvtec(check_root(self.root), self._category)
+
+
+class Folder(AnomalyDataModule):
+    """Custom layout: a normal folder plus optional abnormal/mask folders (see ``adx.data.folder``)."""
+
+    def __init__(
+        self,
+        root: str,
+        normal_dir: str = "good",
+        abnormal_dirs: list[str] | None = None,
+        mask_dir: str | None = None,
+        normal_test_dir: str | None = None,
+        normal_split_ratio: float = 0.2,
+        category: str = "custom",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= normal_split_ratio < 1.0:
+            raise AdxDataError(
+                f"normal_split_ratio must be in [0, 1), got {normal_split_ratio}. Fix --data.normal_split_ratio."
+            )
+        self.root = root
+        self.normal_dir = normal_dir
+        self.abnormal_dirs = list(abnormal_dirs or [])
+        self.mask_dir = mask_dir
+        self.normal_test_dir = normal_test_dir
+        self.normal_split_ratio = normal_split_ratio
+        self._category = category
+
+    @property
+    def name(self) -> str:
+        return "folder"
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    def _summary_note(self) -> str:
+        if self.normal_test_dir is not None:
+            return ""
+        return f" (normal images split {1 - self.normal_split_ratio:.0%} train / {self.normal_split_ratio:.0%} test, seed {self.seed})"
+
+    def _list(self) -> list[Sample]:
+        return list_folder(
+            self.root,
+            self.normal_dir,
+            self.abnormal_dirs,
+            self.mask_dir,
+            self.normal_test_dir,
+            self.normal_split_ratio,
+            self.seed,
+        )
+
+
+class GoodNG(AnomalyDataModule):
+    """good/ng layout (``train/good``, ``test/good``, ``test/ng*``); category defaults to the root folder name."""
+
+    def __init__(self, root: str, category: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self._category = category
+
+    @property
+    def name(self) -> str:
+        return "goodng"
+
+    @property
+    def category(self) -> str:
+        return self._category or Path(self.root).expanduser().resolve().name
+
+    def _list(self) -> list[Sample]:
+        return list_goodng(self.root)
+
+
+def default_synthetic_root(category: str) -> Path:
+    """Cache folder for generated data: ``$ADX_CACHE_DIR/synthetic/<category>`` or ``~/.cache/adx/synthetic/<category>``."""
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "adx") / "synthetic" / category
+
+
+class Synthetic(AnomalyDataModule):
+    """Generated textured-surface dataset (scratches and stains), cached on disk; ideal for smoke tests.
+
+    The images are always generated with seed 0 (``seed`` only drives the splits), so runs with different seeds
+    share one cache folder safely.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        category: str = "demo",
+        n_train: int = 40,
+        n_test_good: int = 10,
+        n_test_bad: int = 20,
+        size: int = 128,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root is not None else default_synthetic_root(category)
+        self._category = category
+        self.n_train, self.n_test_good, self.n_test_bad, self.size = n_train, n_test_good, n_test_bad, size
+
+    @property
+    def name(self) -> str:
+        return "synthetic"
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    def prepare_data(self) -> None:
+        """Generate the images once (rank zero) if they are not cached yet."""
+        self._generate()
+
+    def _generate(self) -> Path:
+        """Create or reuse the generated category folder."""
+        return make_synthetic(self.root, self.n_train, self.n_test_good, self.n_test_bad, self.size, seed=0)
+
+    def _list(self) -> list[Sample]:
+        folder = self._generate()
+        return list_mvtec(folder.parent, folder.name)

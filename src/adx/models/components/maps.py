@@ -1,0 +1,49 @@
+"""Shared anomaly-map helpers: patch features, upsampling and Gaussian smoothing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+from torch import Tensor, nn
+
+
+def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
+    """Blur maps [B,H,W] with a Gaussian of ``sigma`` pixels (kernel 2*round(4 sigma)+1); 0 disables."""
+    if sigma <= 0:
+        return maps
+    k = 2 * int(4.0 * sigma + 0.5) + 1
+    return gaussian_blur2d(maps.unsqueeze(1), (k, k), (sigma, sigma)).squeeze(1)
+
+
+def to_image_size(maps: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Tensor:
+    """Patch maps [B,h,w] -> bilinear upsampled to ``size`` [B,H,W], then Gaussian smoothed."""
+    up = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return gaussian_smooth(up, sigma)
+
+
+def align_and_concat(features: list[Tensor]) -> Tensor:
+    """Feature maps at several strides -> upsampled to the first (finest) map and concatenated [B,C,h,w]."""
+    size = features[0].shape[-2:]
+    aligned = [
+        f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        for f in features
+    ]
+    return torch.cat(aligned, dim=1)
+
+
+class DynamicBuffers(nn.Module):
+    """Mixin: buffers named in ``dynamic_buffers`` take the shape stored in a loaded state dict."""
+
+    dynamic_buffers: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        for name in self.dynamic_buffers:
+            if prefix + name in state_dict:
+                stored = state_dict[prefix + name]
+                setattr(
+                    self,
+                    name,
+                    torch.empty(stored.shape, dtype=stored.dtype, device=getattr(self, name).device),
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,139 @@
+"""PatchCore (Roth et al., CVPR 2022, arXiv 2106.08265) as a plain torch module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adx.models.components.backbone import Backbone
+from adx.models.components.coreset import greedy_coreset, sample_size
+from adx.models.components.knn import NearestNeighbours
+from adx.models.components.maps import DynamicBuffers, align_and_concat, to_image_size
+
+
+class PatchCoreModel(DynamicBuffers):
+    """Locally aware patch features, a greedy-coreset memory bank and kNN patch scores."""
+
+    dynamic_buffers = ("memory_bank",)
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        strides: Sequence[int] = (8, 16),
+        weights: str | None = None,
+        pretrained: bool = True,
+        patch_size: int = 3,
+        embed_dim: int | None = None,
+        coreset_ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        num_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """PatchCore.
+
+        Args:
+            backbone: timm CNN name (features_only); offline weights resolved as in docs/offline.md.
+            strides: feature maps used, by stride (the paper's WideResNet50 layer2+layer3 = 8 and 16).
+            weights: explicit weights file (state dict or .safetensors) for the backbone.
+            pretrained: False runs with random weights (tests only).
+            patch_size: side of the local neighbourhood averaged around each patch.
+            embed_dim: target dimension of the paper's channel pooling (None keeps all channels).
+            coreset_ratio: fraction of training patches kept in the memory bank.
+            projection_dim: random projection used only to select the coreset (None: full dimension).
+            num_neighbors: neighbourhood size b of the paper's image-score re-weighting (1 disables it).
+            blur_sigma: Gaussian smoothing of the upsampled map, in pixels.
+            seed: seed of the coreset start point and projection.
+            progress: show a progress bar with ETA for the coreset.
+        """
+        super().__init__()
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd number, got {patch_size}")
+        if num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
+        sample_size(1, coreset_ratio)  # validates the ratio before any work
+        self.backbone = Backbone(backbone, strides, weights, pretrained)
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
+        self.num_neighbors, self.blur_sigma, self.progress = num_neighbors, blur_sigma, progress
+        dim = embed_dim or sum(self.backbone.channels)
+        self.register_buffer("memory_bank", torch.empty(0, dim))
+        self._chunks: list[Tensor] = []
+        self._index: NearestNeighbours | None = None
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Images [B,3,H,W] in [0,1] -> patch embeddings [B,D,H/s,W/s] at the finest stride s."""
+        pad = self.patch_size // 2
+        feats = [F.avg_pool2d(f, self.patch_size, stride=1, padding=pad) for f in self.backbone(images)]
+        if self.embed_dim is None:
+            return align_and_concat(feats)
+        # paper's projection: pool each layer's channels to embed_dim, then the concatenation to embed_dim
+        pooled = [_pool_channels(f, self.embed_dim) for f in feats]
+        return _pool_channels(align_and_concat(pooled), self.embed_dim)
+
+    def update(self, images: Tensor) -> None:
+        """Add the patch embeddings of a batch of normal images to the pool to subsample."""
+        emb = self.embed(images)
+        self._chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().cpu())
+
+    def fit(self) -> None:
+        """Greedy-coreset subsample of all collected embeddings into the memory bank."""
+        if not self._chunks:
+            raise RuntimeError("PatchCore.fit() called before any update(): no training images were seen")
+        pool = torch.cat(self._chunks)
+        self._chunks = []
+        n = sample_size(len(pool), self.coreset_ratio)
+        idx = greedy_coreset(
+            pool, n, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress
+        )
+        self.memory_bank = pool[idx].to(self.memory_bank.device)
+        self._index = None
+
+    @property
+    def index(self) -> NearestNeighbours:
+        """Nearest-neighbour index over the memory bank (rebuilt after fit or load)."""
+        if len(self.memory_bank) == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it (adx fit) or load a checkpoint")
+        if self._index is None or self._index.size != len(self.memory_bank):
+            self._index = NearestNeighbours(self.memory_bank)
+        return self._index
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        self._index = None  # device or dtype changed: rebuild the index lazily
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B,3,H,W] -> image scores [B] and anomaly maps [B,H,W]."""
+        emb = self.embed(images)
+        b, d, h, w = emb.shape
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, nn_idx = self.index.search(patches, k=1)
+        dist, nn_idx = dist.view(b, h * w), nn_idx.view(b, h * w)
+        scores = self._image_scores(patches.view(b, h * w, d), dist, nn_idx)
+        maps = to_image_size(dist.view(b, h, w), tuple(images.shape[-2:]), self.blur_sigma)
+        return scores, maps
+
+    def _image_scores(self, patches: Tensor, dist: Tensor, nn_idx: Tensor) -> Tensor:
+        """Paper eq. 7: the largest patch distance, down-weighted when its neighbour sits in a dense region."""
+        s_star, where = dist.max(dim=1)
+        if self.num_neighbors == 1:
+            return s_star
+        rows = torch.arange(len(where), device=where.device)
+        m_star = nn_idx[rows, where]  # bank index of the nearest neighbour of the most anomalous patch
+        k = min(self.num_neighbors, len(self.memory_bank))
+        _, support = self.index.search(self.memory_bank[m_star], k=k)  # [B,k], support[:,0] is m_star
+        test_patch = patches[rows, where]  # [B,D]
+        d_support = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=-1)
+        weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
+        return weight * s_star
+
+
+def _pool_channels(x: Tensor, dim: int) -> Tensor:
+    """[B,C,h,w] -> [B,dim,h,w] by adaptive average pooling over channels."""
+    b, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(-1, 1, c)
+    return F.adaptive_avg_pool1d(flat, dim).view(b, h, w, dim).permute(0, 3, 1, 2)
