@@ -1,0 +1,30 @@
+"""Shared fixtures: offline mode, a small synthetic dataset, the real data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ADX_OFFLINE", "1")  # never wait on a model hub in tests
+
+SHARED_DATA = Path(os.environ.get("ADX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MVTec-layout category (12 train, 4 good + 6 defective test images of 64 px)."""
+    from adx.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "demo", n_train=12, n_test_good=4,
+                          n_test_bad=6, size=64)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real MVTec-layout images of ../shared/data (skip when absent)."""
+    if not (SHARED_DATA / "mvtec_ad" / "screw").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set ADX_SHARED_DATA)")
+    return SHARED_DATA

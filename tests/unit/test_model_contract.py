@@ -1,0 +1,90 @@
+"""Contract every registered model must honour: fit, calibrate, test, checkpoint round trip, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from adx.callbacks import Calibration, ResultsWriter
+from adx.data import MVTec
+from adx.models import MODELS
+
+SMALL = {"PatchCore": {"coreset_ratio": 0.05, "progress": False}, "Padim": {"n_features": 32}}
+
+
+def _datamodule(root: Path, **kw) -> MVTec:
+    return MVTec(root=str(root.parent), category=root.name, image_size=64, batch_size=4, eval_batch_size=4,
+                 num_workers=0, **kw)
+
+
+def _trainer(tmp_path: Path) -> Trainer:
+    return Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, num_sanity_val_steps=0,
+                   callbacks=[Calibration(), ResultsWriter()])
+
+
+@pytest.fixture(params=sorted(MODELS))
+def fitted(request, synthetic_root: Path, tmp_path: Path):
+    name = request.param
+    model = MODELS[name](**SMALL.get(name, {}))
+    trainer = _trainer(tmp_path)
+    dm = _datamodule(synthetic_root, val_source="test_split", val_ratio=0.3)
+    trainer.fit(model, datamodule=dm)
+    return name, model, trainer, dm
+
+
+def test_fit_calibrates_and_tests(fitted) -> None:
+    name, model, trainer, dm = fitted
+    assert model.calibrated, f"{name} has no thresholds after validation"
+    assert "F1-optimal" in model.threshold_source  # test_split validation holds anomalies
+    assert float(model.image_min) <= float(model.image_threshold) <= float(model.image_max)
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    for key in ("image_AUROC", "pixel_AUROC", "AUPRO", "image_F1max", "pixel_F1max"):
+        assert 0.0 <= metrics[f"test/{key}"] <= 1.0
+    assert metrics["test/image_AUROC"] > 0.6, f"{name} does not separate obvious synthetic defects"
+
+
+def test_outputs_shapes_and_normalisation(fitted) -> None:
+    _, model, _, dm = fitted
+    batch = next(iter(dm.test_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        out = model.test_step(batch, 0)
+    b, _, h, w = batch["image"].shape
+    assert out["image_score"].shape == (b,)
+    assert out["anomaly_map"].shape == (b, h, w) == out["norm_map"].shape
+    assert 0.0 <= float(out["pred_score"].min()) and float(out["pred_score"].max()) <= 1.0
+    assert torch.equal(out["pred_label"], out["image_score"] >= model.image_threshold)
+
+
+def test_checkpoint_round_trip(fitted, tmp_path: Path) -> None:
+    name, model, trainer, dm = fitted
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = MODELS[name].load_from_checkpoint(path)
+    assert restored.threshold_source == model.threshold_source
+    batch = next(iter(dm.test_dataloader()))
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        a, b = model.model(batch["image"]), restored.model(batch["image"])
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert float(restored.image_threshold) == float(model.image_threshold)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_unfitted_model_says_so(name: str) -> None:
+    model = MODELS[name](**SMALL.get(name, {}))
+    with pytest.raises(RuntimeError, match="fit"):
+        model.model(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_unknown_backbone_and_stride_are_named(name: str) -> None:
+    with pytest.raises(ValueError, match="no_such_net"):
+        MODELS[name](backbone="no_such_net")
+    with pytest.raises(ValueError, match="strides"):
+        MODELS[name](strides=(8, 64))
