@@ -55,7 +55,9 @@ def peak_rss_mib() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the result dict (also printed and optionally written as JSON)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--features", type=Path, default=None, help="torch.save'd [N, D] tensor")
     parser.add_argument("--n", type=int, default=327680, help="number of synthetic features")
     parser.add_argument("--dim", type=int, default=152, help="synthetic feature dimension")

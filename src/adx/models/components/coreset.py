@@ -34,6 +34,9 @@ _CHUNK_ROWS = 4096
 # Relative safety margin on squared distances for the pruning test. Computed squared distances carry a
 # relative rounding error of about log2(d) * 2**-24 (< 1e-6); 1e-3 keeps pruning provably safe.
 _PRUNE_MARGIN = 1e-3
+# Dense phase: check every this many steps whether the sparse phase would visit < this fraction of points.
+_DENSE_CHECK_EVERY = 16
+_DENSE_FRACTION = 0.25
 # Progress bar refresh period, in selection steps.
 _PROGRESS_EVERY = 256
 
@@ -122,135 +125,159 @@ def greedy_coreset_reference(
     return selected
 
 
-class _ClusterState:
-    """Point-to-centre assignment, per-cluster point lists (CSR buffer) and radii for the fast greedy."""
+class _Clusters:
+    """Per-centre member lists, radii and far points for the sparse phase of :func:`greedy_coreset`.
 
-    def __init__(self, points: Tensor, n: int) -> None:
-        """Allocate state for ``points`` [N, p] and up to ``n`` clusters."""
-        n_points, dim = points.shape
+    Cluster j's members are ``buf_idx[seg_start[j] : seg_start[j] + seg_len[j]]``, with their squared
+    min-distances in ``buf_key``, sorted by (distance descending, index ascending). A point only leaves a
+    list when it moves to a new centre, which happens only while that list is being visited, so the lists
+    are always exact and a list's first entry is the cluster's far point. A staying point's distance never
+    changes, so the order survives. New lists are appended at ``tail``; the buffer is compacted when full.
+    """
+
+    def __init__(
+        self, points: Tensor, min_dist: Tensor, assign: Tensor, centres: Tensor, n_clusters: int
+    ) -> None:
+        """Build sorted lists for clusters 0..n_clusters-1 from ``assign`` [N] and ``min_dist`` [N]."""
+        n_points = points.shape[0]
         device = points.device
-        self.points = points
+        n_max = centres.shape[0]
+        self.points, self.min_dist, self.assign, self.centres = points, min_dist, assign, centres
         self.n_points = n_points
-        self.min_dist = torch.full((n_points,), math.inf, device=device)  # [N] squared dist to own centre
-        self.assign = torch.zeros(n_points, dtype=torch.long, device=device)  # [N] cluster id
-        # Cluster j's candidate members are buf[seg_start[j] : seg_start[j] + seg_len[j]]. A list may hold
-        # stale entries (points that moved to a newer cluster since); they are dropped when it is visited.
         self.capacity = 2 * n_points
-        self.buf = torch.empty(self.capacity, dtype=torch.long, device=device)
+        # One spare slot so that clamped gathers at a list's end stay in bounds.
+        self.buf_idx = torch.zeros(self.capacity + 1, dtype=torch.long, device=device)
+        self.buf_key = torch.zeros(self.capacity + 1, device=device)
+        self.seg_start = torch.zeros(n_max, dtype=torch.long, device=device)
+        self.seg_len = torch.zeros(n_max, dtype=torch.long, device=device)
+        self.radius = torch.full((n_max,), -1.0, device=device)  # [n] max squared dist of members; -1 empty
+        self.far = torch.full((n_max,), n_points, dtype=torch.long, device=device)  # first entry of the list
+        # Centre-centre distances use a gemv on mean-centred centres; they only feed the pruning test, so
+        # an explicit rounding-error allowance turns them into lower bounds.
+        self.mean = points.mean(0)
+        self.centred = torch.empty(n_max, points.shape[1], device=device)  # [n, p] centres minus mean
+        self.centred_sq = torch.empty(n_max, device=device)  # [n] squared norms of centred centres
+        torch.sub(centres[:n_clusters], self.mean, out=self.centred[:n_clusters])
+        torch.sum(self.centred[:n_clusters].square(), 1, out=self.centred_sq[:n_clusters])
+        self.tolerance = 1e-4 + 4.0 * (points.shape[1] + 8) * 2.0**-24
+        self.centre_dist = torch.empty(n_max, device=device)
+        self.scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
+        self.arange = torch.arange(n_points + 1, device=device)
         self.tail = 0
-        self.seg_start = torch.zeros(n, dtype=torch.long, device=device)
-        self.seg_len = torch.zeros(n, dtype=torch.long, device=device)
-        self.radius = torch.full((n,), -1.0, device=device)  # [n] max squared dist of members; -1 = empty
-        self.far = torch.zeros(n, dtype=torch.long, device=device)  # [n] smallest index attaining radius
-        self.centres = torch.empty(n, dim, device=device)  # [n, p] projected centre coordinates
-        self.scratch = torch.empty(_CHUNK_ROWS, dim, device=device)
-        self.centre_dist = torch.empty(n, device=device)
-        self.arange = torch.arange(self.capacity + 1, device=device)
-
-    def _append(self, members: Tensor) -> int:
-        """Copy ``members`` [m] to the end of the buffer, compacting all lists first if needed; start offset."""
-        size = members.shape[0]
-        if self.tail + size > self.capacity:
-            raise RuntimeError("internal: CSR buffer overflow")  # callers rebuild before appending
-        start = self.tail
-        self.buf[start : start + size] = members
-        self.tail += size
-        return start
+        self.rebuild(n_clusters)
 
     def rebuild(self, n_clusters: int) -> None:
-        """Rewrite all lists exactly (no stale entries) from the assignment, clusters 0..n_clusters-1."""
-        order = torch.argsort(self.assign, stable=True)
+        """Rewrite all lists contiguously from ``assign`` and ``min_dist``, sorted within each list."""
+        by_dist = torch.argsort(self.min_dist, descending=True, stable=True)  # ties: ascending index
+        order = by_dist[torch.argsort(self.assign[by_dist], stable=True)]
         counts = torch.bincount(self.assign, minlength=n_clusters)
-        self.buf[: self.n_points] = order
+        self.buf_idx[: self.n_points] = order
+        self.buf_key[: self.n_points] = self.min_dist[order]
         self.tail = self.n_points
         self.seg_len[:n_clusters] = counts
         self.seg_start[:n_clusters] = torch.cumsum(counts, 0) - counts
+        self._refresh(torch.arange(n_clusters, device=order.device))
 
-    def add_first(self, index: int) -> None:
-        """Create cluster 0 centred at point ``index``: all points belong to it."""
-        centre = self.points[index]
-        self.centres[0] = centre
-        _sq_dists(self.points, centre, None, self.min_dist, self.scratch)
-        self.assign.zero_()
-        self.buf[: self.n_points] = self.arange[: self.n_points]
-        self.tail = self.n_points
-        self.seg_start[0] = 0
-        self.seg_len[0] = self.n_points
-        self._set_radius(torch.zeros(1, dtype=torch.long, device=self.points.device), None, None)
-
-    def _set_radius(self, clusters: Tensor, local: Tensor | None, members: Tensor | None) -> None:
-        """Recompute radius and far point of ``clusters`` [c] from members [m] grouped by ``local`` [m] ids."""
-        if members is None:  # all points, single cluster
-            values = self.min_dist
-            best = values.max()
-            far = torch.nonzero(values == best)[0, 0]
-            self.radius[clusters] = best
-            self.far[clusters] = far
-            return
-        count = clusters.shape[0]
-        values = self.min_dist[members]
-        radius = torch.full((count,), -1.0, device=values.device)
-        radius.scatter_reduce_(0, local, values, reduce="amax", include_self=True)
-        hit = values == radius[local]
-        far = torch.full((count,), self.n_points, dtype=torch.long, device=values.device)
-        far.scatter_reduce_(0, local[hit], members[hit], reduce="amin", include_self=True)
-        self.radius[clusters] = radius
-        self.far[clusters] = far
+    def _refresh(self, clusters: Tensor) -> None:
+        """Radius and far point of ``clusters`` [c] from the first entry of their lists."""
+        first = self.seg_start[clusters]
+        empty = self.seg_len[clusters] == 0
+        self.radius[clusters] = self.buf_key[first].masked_fill_(empty, -1.0)
+        self.far[clusters] = self.buf_idx[first].masked_fill_(empty, self.n_points)
 
     def next_index(self, n_clusters: int) -> int:
         """Point with the largest min-distance (smallest index on ties): far point of the widest cluster."""
         radius = self.radius[:n_clusters]
-        best = radius.max()
-        return int(self.far[:n_clusters][radius == best].min().item())
+        return int(self.far[:n_clusters][radius == radius.max()].min().item())
+
+    def _prefix_lengths(self, starts: Tensor, lens: Tensor, threshold: Tensor) -> Tensor:
+        """Per list [c]: how many leading keys exceed ``threshold`` [c] (galloping scan of sorted lists)."""
+        count = torch.zeros_like(lens)
+        rows = self.arange[: lens.shape[0]]
+        offset, width = 0, 16
+        while rows.shape[0] > 0:
+            cols = self.arange[:width]
+            remaining = lens[rows] - offset
+            pos = (starts[rows] + offset).unsqueeze(1) + cols  # [r, width]
+            pos = torch.minimum(pos, (starts[rows] + lens[rows]).unsqueeze(1))  # past the end: harmless slot
+            hit = (self.buf_key[pos] > threshold[rows].unsqueeze(1)) & (cols < remaining.unsqueeze(1))
+            found = hit.sum(1)
+            count[rows] += found
+            more = (found == width) & (remaining > width)
+            rows = rows[more]
+            offset += width
+            width *= 2
+        return count
 
     def add(self, index: int, cluster: int) -> int:
-        """Add point ``index`` as centre of new cluster id ``cluster``; returns the number of points visited."""
+        """Add point ``index`` as the centre of new cluster id ``cluster``; returns #exact distances computed."""
         points, device = self.points, self.points.device
-        centre = points[index]
-        self.centres[cluster] = centre
-        # Clusters that can lose points: dist(c_j, c) < 2 * r_j  <=>  d2(c_j, c) < 4 * r2_j (plus margin).
-        centre_dist = self.centre_dist[:cluster]
-        _sq_dists(self.centres[:cluster], centre, None, centre_dist, self.scratch)
-        touched = torch.nonzero(centre_dist < self.radius[:cluster] * (4.0 * (1.0 + _PRUNE_MARGIN)))[:, 0]
-        lens = self.seg_len[touched]
-        starts = self.seg_start[touched]
-        total = int(lens.sum().item())
+        centre = self.centres[cluster]
+        # Point x of cluster j can only get closer to c than to c_j if d(c_j, c) < 2 d(x, c_j), i.e.
+        # d2(x, c_j) > d2(c_j, c) / 4 (triangle inequality); a relative margin covers rounding. Lists are
+        # sorted by d2(x, c_j), so the candidates of a list are a prefix of it.
+        centred = self.centred[cluster]
+        torch.sub(centre, self.mean, out=centred)
+        centred_sq = self.centred_sq[cluster : cluster + 1]
+        torch.sum(centred.square(), 0, keepdim=True, out=centred_sq)
+        # Lower bound on d2(c_j, c) for all existing centres: |a|^2 + |b|^2 - 2 a.b minus its error bound.
+        norms = self.centred_sq[:cluster] + centred_sq
+        threshold = torch.mv(self.centred[:cluster], centred, out=self.centre_dist[:cluster])
+        threshold.mul_(-2.0).add_(norms).sub_(norms.mul_(self.tolerance))
+        threshold.mul_(0.25 / (1.0 + _PRUNE_MARGIN))
+        touched = torch.nonzero(self.radius[:cluster] > threshold)[:, 0]
         n_touched = touched.shape[0]
-        local = torch.repeat_interleave(self.arange[:n_touched], lens, output_size=total)
-        offsets = torch.cumsum(lens, 0) - lens
-        slots = starts[local] + (self.arange[:total] - offsets[local])
-        members = self.buf[slots]
-        live = self.assign[members] == touched[local]  # drop stale entries
-        members = members[live]
-        local = local[live]
-        dist = torch.empty(members.shape[0], device=device)
-        _sq_dists(points, centre, members, dist, self.scratch)
-        moved = dist < self.min_dist[members]
-        movers = members[moved]
-        self.min_dist[movers] = dist[moved]
+        starts = self.seg_start[touched]
+        threshold = threshold[touched]
+        prefix = self._prefix_lengths(starts, self.seg_len[touched], threshold)
+        total = int(prefix.sum().item())
+        local = torch.repeat_interleave(self.arange[:n_touched], prefix, output_size=total)
+        first = torch.cumsum(prefix, 0) - prefix  # [T] where each list's candidates begin
+        slots = starts[local] + (self.arange[:total] - first[local])
+        ids = self.buf_idx[slots]
+        keys = self.buf_key[slots]
+        dist = _sq_dists(points, centre, ids, torch.empty(total, device=device), self.scratch)
+        closer = dist < keys
+        movers = ids[closer]
+        mover_dist = dist[closer]
+        n_movers = movers.shape[0]
+        self.min_dist[movers] = mover_dist
         self.assign[movers] = cluster
-        stay = ~moved
-        members = members[stay]
-        local = local[stay]
-        # Compact the touched lists in place (each shrinks or stays the same).
-        new_lens = torch.bincount(local, minlength=n_touched)
-        new_offsets = torch.cumsum(new_lens, 0) - new_lens
-        slots = starts[local] + (self.arange[: members.shape[0]] - new_offsets[local])
-        self.buf[slots] = members
-        self.seg_len[touched] = new_lens
-        self._set_radius(touched, local, members)
-        # The new cluster's list.
-        if self.tail + movers.shape[0] > self.capacity:
+        # Remove movers from their lists: the staying candidates shift right by the number of movers of
+        # their list (order kept), and the list now starts that many slots later.
+        moved = torch.bincount(local[closer], minlength=n_touched)
+        stay = ~closer
+        kept = torch.cumsum(stay, 0)  # [total] stays up to and including this slot
+        kept_before = (kept - stay.long())[first.clamp(max=max(total - 1, 0))] if total else kept
+        rank = kept - 1 - kept_before[local]
+        new_slots = (starts + moved)[local] + rank
+        self.buf_idx[new_slots[stay]] = ids[stay]
+        self.buf_key[new_slots[stay]] = keys[stay]
+        self.seg_start[touched] += moved
+        self.seg_len[touched] -= moved
+        self._refresh(touched)
+        # The new cluster's list, sorted by (distance descending, index ascending).
+        if self.tail + n_movers > self.capacity:
             self.rebuild(cluster + 1)
         else:
-            self.seg_start[cluster] = self._append(movers)
-            self.seg_len[cluster] = movers.shape[0]
-        self._set_radius(
-            torch.tensor([cluster], device=device),
-            torch.zeros(movers.shape[0], dtype=torch.long, device=device),
-            movers,
-        )
+            movers = movers.sort().values
+            mover_dist = self.min_dist[movers]
+            order = torch.argsort(mover_dist, descending=True, stable=True)
+            self.buf_idx[self.tail : self.tail + n_movers] = movers[order]
+            self.buf_key[self.tail : self.tail + n_movers] = mover_dist[order]
+            self.seg_start[cluster] = self.tail
+            self.seg_len[cluster] = n_movers
+            self.tail += n_movers
+            self._refresh(torch.full((1,), cluster, dtype=torch.long, device=device))
         return total
+
+
+def _candidate_fraction(
+    centres: Tensor, n_centres: int, index: int, points: Tensor, min_dist: Tensor, assign: Tensor
+) -> float:
+    """Fraction of the N points the sparse phase would visit if ``points[index]`` [p] were added now."""
+    centre_dist = (centres[:n_centres] - points[index]).pow_(2).sum(1)  # [k]
+    return (centre_dist[assign] < min_dist * (4.0 * (1.0 + _PRUNE_MARGIN))).float().mean().item()
 
 
 def greedy_coreset(
@@ -269,18 +296,49 @@ def greedy_coreset(
     if features.ndim == 2 and n_points > 0 and _check_n(n, n_points):
         return torch.arange(n_points, device=features.device)
     points, index = _prepare(features, projection_dim, seed)
-    state = _ClusterState(points, n)
+    device = points.device
     selected = torch.empty(n, dtype=torch.long)
+    centres = torch.empty(n, points.shape[1], device=device)  # [n, p] selected projected points
+    min_dist = torch.full((n_points,), math.inf, device=device)  # [N] squared distance to nearest centre
+    assign = torch.zeros(n_points, dtype=torch.long, device=device)  # [N] nearest centre (selection order)
+    scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
     bar = tqdm(total=n, desc=desc, unit="pt", file=sys.stderr, disable=not progress, smoothing=0.05)
     try:
-        state.add_first(index)
-        selected[0] = index
-        for step in range(1, n):
-            index = state.next_index(step)
+        # Dense phase: while most points could move, full passes (as in the reference) are cheapest.
+        dist = torch.empty(n_points, device=device)
+        step = 0
+        dense = True
+        while step < n:
             selected[step] = index
-            state.add(index, step)
+            centres[step] = points[index]
+            step += 1
             if step % _PROGRESS_EVERY == 0:
                 bar.update(_PROGRESS_EVERY)
+            if step == n:
+                break
+            _sq_dists(points, centres[step - 1], None, dist, scratch)
+            assign.masked_fill_(dist < min_dist, step - 1)
+            torch.minimum(min_dist, dist, out=min_dist)
+            index = int(torch.argmax(min_dist).item())  # first maximal index on ties, as the reference
+            if step % _DENSE_CHECK_EVERY == 0:
+                fraction = _candidate_fraction(centres, step, index, points, min_dist, assign)
+                if fraction < _DENSE_FRACTION:
+                    dense = False
+                    break
+        del dist
+        if not dense:
+            # Sparse phase: per-cluster lists, visiting only points that can get closer to the new centre.
+            clusters = _Clusters(points, min_dist, assign, centres, step)
+            while step < n:
+                selected[step] = index
+                centres[step] = points[index]
+                step += 1
+                if step % _PROGRESS_EVERY == 0:
+                    bar.update(_PROGRESS_EVERY)
+                if step == n:
+                    break
+                clusters.add(index, step - 1)
+                index = clusters.next_index(step)
         bar.update(n - bar.n)
     finally:
         bar.close()

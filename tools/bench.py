@@ -1,0 +1,169 @@
+"""Side-by-side benchmark: adx (and optionally anomalib, the peer) on one MVTec-layout category.
+
+    python tools/bench.py PatchCore ../shared/data/mvtec_ad screw --image-size 256 \
+        --set model.coreset_ratio=0.1 --peer /work/peer_venv/bin/python --peer-weights lite0.pth \
+        --out docs/bench/patchcore_screw.json
+
+adx runs through its own CLI (fit without test, then ``test --ckpt``), so the figures are what a user
+gets. Recorded: fit seconds, test seconds and images/s (the test loop, heatmaps included unless
+``--no-heatmaps``), pure-model latency (forward on a preloaded batch, no data loading or metrics), peak
+RSS of the process, and the metrics. The peer runs afterwards in its own virtual environment with
+``../shared/tools/peer_anomalib.py`` and the same backbone weights; ratios are printed.
+Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adx.cli import main as adx_main
+from adx.data import MVTec
+from adx.models import MODELS
+
+PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "peer_anomalib.py"
+PEER_NAMES = {"PatchCore": "Patchcore", "Padim": "Padim"}
+
+
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process and its finished children, in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+
+
+def latency(
+    model_name: str, ckpt: Path, root: str, category: str, size: int, batch: int, repeats: int
+) -> dict:
+    """Seconds per image of the model's forward pass on a preloaded batch (after one warm-up)."""
+    module = MODELS[model_name].load_from_checkpoint(ckpt, map_location="cpu").eval()
+    dm = MVTec(root=root, category=category, image_size=size, eval_batch_size=batch, num_workers=0)
+    dm.setup("test")
+    images = next(iter(dm.test_dataloader()))["image"]
+    with torch.inference_mode():
+        module.model(images)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            module.model(images)
+        seconds = (time.perf_counter() - t0) / repeats
+    return {"batch": len(images), "ms_per_image": round(1000 * seconds / len(images), 2)}
+
+
+def run_adx(args: argparse.Namespace, runs: Path) -> dict:
+    config = Path(__file__).resolve().parents[1] / "configs" / args.model.lower() / "offline.yaml"
+    common = [
+        "--data.root",
+        args.root,
+        "--data.category",
+        args.category,
+        "--data.image_size",
+        str(args.image_size),
+        "--data.num_workers",
+        str(args.workers),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    overrides = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]
+    t0 = time.perf_counter()
+    adx_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *common,
+            *overrides,
+            "--root_dir",
+            str(runs),
+            "--test_after_fit",
+            "false",
+            "--heatmaps.enabled",
+            "false",
+        ]
+    )
+    fit_s = time.perf_counter() - t0
+    (ckpt,) = runs.rglob("last.ckpt")
+    adx_main(
+        [
+            "test",
+            "--ckpt",
+            str(ckpt),
+            "--heatmaps.enabled",
+            str(not args.no_heatmaps).lower(),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    report = json.loads(sorted(runs.rglob("metrics.json"))[-1].read_text())
+    return {
+        "fit_s": round(fit_s, 2),
+        "test_s": report["test_seconds"],
+        "test_img_per_s": report["test_images_per_second"],
+        "latency": latency(args.model, ckpt, args.root, args.category, args.image_size, 16, 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "metrics": report["metrics"],
+        "weights": report["weights"],
+    }
+
+
+def run_peer(args: argparse.Namespace, out: Path) -> dict:
+    extra = [
+        kv.replace("model.coreset_ratio", "ratio") for kv in args.set if kv.startswith("model.coreset_ratio")
+    ]
+    cmd = [
+        args.peer,
+        str(PEER_SCRIPT),
+        PEER_NAMES[args.model],
+        args.root,
+        args.category,
+        "tf_efficientnet_lite0",
+        args.peer_weights,
+        str(out),
+        str(args.image_size),
+        *extra,
+    ]
+    subprocess.run(cmd, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("root")
+    parser.add_argument("category")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--no-heatmaps", action="store_true")
+    parser.add_argument("--peer", help="python of a venv with anomalib (runs the peer after adx)")
+    parser.add_argument("--peer-weights", help="timm state dict for the peer (tools/export_timm_weights.py)")
+    parser.add_argument("--runs", default="/tmp/adx_bench_runs")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    runs = Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}"
+    record = {
+        "command": " ".join(sys.argv),
+        "cpu_threads": torch.get_num_threads(),
+        "adx": run_adx(args, runs),
+    }
+    if args.peer:
+        peer = run_peer(args, Path(args.out).with_suffix(".peer.json"))
+        record["peer"] = peer
+        record["ratios"] = {
+            "fit_speedup": round(peer["fit_s"] / record["adx"]["fit_s"], 2),
+            "test_throughput_ratio": round(record["adx"]["test_img_per_s"] / peer["test_img_per_s"], 2),
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1, default=str))
+    print(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
