@@ -1,4 +1,4 @@
-"""Exact nearest-neighbour search over a memory bank (faiss when available, chunked torch otherwise)."""
+"""Exact Euclidean nearest-neighbour search over a memory bank: faiss when available, torch otherwise."""
 
 from __future__ import annotations
 
@@ -7,105 +7,130 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # faiss is optional at runtime: fall back to torch when the import fails
+try:  # faiss is a declared dependency, but keep the torch path usable without it
     import faiss
-except ImportError:  # pragma: no cover - exercised only without faiss
+except ImportError:  # pragma: no cover - exercised only where faiss is missing
     faiss = None
 
-__all__ = ["NearestNeighbours", "faiss_available"]
+__all__ = ["NearestNeighbours", "faiss_available", "faiss_num_gpus"]
 
-# Bound on the float32 elements of one [chunk, M] distance block in the torch backend (~256 MiB).
+# Bound on the float32 elements of one [chunk, M] distance block of the torch backend (64 Mi = 256 MiB).
 _TORCH_BLOCK_ELEMENTS = 1 << 26
+_BACKENDS = (None, "auto", "torch", "faiss")
 
 
 def faiss_available() -> bool:
-    """True when the faiss module could be imported."""
+    """True when faiss could be imported."""
     return faiss is not None
 
 
+def faiss_num_gpus() -> int:
+    """Number of GPUs faiss can use (0 for faiss-cpu builds or without faiss)."""
+    if faiss is None or not hasattr(faiss, "get_num_gpus"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # pragma: no cover - defensive: broken GPU runtime
+        return 0
+
+
 def _as_float32(x: Tensor) -> Tensor:
-    """[R, D] tensor as contiguous float32 (no copy when it already is)."""
+    """[R, D] tensor as contiguous float32, detached (no copy when it already is)."""
     return x.detach().to(dtype=torch.float32).contiguous()
 
 
 class NearestNeighbours:
-    """Exact Euclidean k-nearest-neighbour index over ``bank`` [M, D].
+    """Exact k-nearest-neighbour index over ``bank`` [M, D] (Euclidean distance).
 
-    Backends: ``"faiss-gpu"`` (faiss with GPUs and a CUDA bank), ``"faiss-cpu"`` (``IndexFlatL2``) or
-    ``"torch"`` (chunked ``torch.cdist``). Results come back on the queries' device.
+    ``backend`` (the attribute) names what the last search used, or what the next CPU search will use:
+    ``"faiss-gpu"`` (faiss with GPU support and CUDA queries), ``"faiss-cpu"`` (``IndexFlatL2``) or
+    ``"torch"`` (chunked matrix products, on the queries' device). CUDA queries without faiss GPU support
+    are searched with torch on their GPU. Results come back on the queries' device.
     """
 
     def __init__(self, bank: Tensor, backend: str | None = None) -> None:
-        """Index ``bank`` [M, D]; ``backend`` None picks automatically, "torch" / "faiss" force one."""
-        if bank.ndim != 2 or bank.shape[0] == 0:
+        """Index ``bank`` [M, D]; ``backend`` None/"auto" picks, "torch" or "faiss" forces one."""
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
+        if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
             raise ValueError(f"bank must be a non-empty [M, D] tensor, got shape {tuple(bank.shape)}")
-        if backend not in (None, "torch", "faiss", "faiss-cpu", "faiss-gpu"):
-            raise ValueError(f"unknown backend {backend!r}: use None, 'torch', 'faiss', 'faiss-cpu' or 'faiss-gpu'")
-        if backend is not None and backend.startswith("faiss") and faiss is None:
-            raise ImportError(f"backend {backend!r} requested but faiss is not importable")
+        if backend == "faiss" and faiss is None:
+            raise ImportError("backend='faiss' requested but faiss is not importable (pip install faiss-cpu)")
         self.size, self.dim = int(bank.shape[0]), int(bank.shape[1])
-        self.bank = _as_float32(bank)  # [M, D], kept for the torch backend and for re-indexing
-        self._index: Any = None
+        self.bank = _as_float32(bank)  # [M, D] on the bank's device (torch backend)
+        self._bank_sq: Tensor | None = None  # [M] squared norms, torch backend
+        self._forced_torch = backend == "torch" or faiss is None
+        self._cpu_index: Any = None
+        self._gpu_index: Any = None
         self._gpu_resources: Any = None
-        if backend == "torch" or faiss is None:
+        if self._forced_torch:
             self.backend = "torch"
             return
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        want_gpu = backend == "faiss-gpu" or (backend in (None, "faiss") and bank.is_cuda)
-        if backend == "faiss-gpu" and gpus == 0:
-            raise RuntimeError("backend 'faiss-gpu' requested but faiss reports no GPUs")
-        cpu_index = faiss.IndexFlatL2(self.dim)
-        cpu_index.add(self.bank.cpu().numpy())
-        if want_gpu and gpus > 0:
-            self._gpu_resources = faiss.StandardGpuResources()
-            device = bank.device.index if bank.is_cuda and bank.device.index is not None else 0
-            self._index = faiss.index_cpu_to_gpu(self._gpu_resources, device, cpu_index)
-            self.backend = "faiss-gpu"
-        else:
-            self._index = cpu_index
-            self.backend = "faiss-cpu"
-        if self.backend != "torch":
-            self.bank = self.bank.cpu() if not bank.is_cuda else self.bank
+        self._cpu_index = faiss.IndexFlatL2(self.dim)
+        self._cpu_index.add(self.bank.cpu().numpy())
+        self.backend = "faiss-gpu" if bank.is_cuda and faiss_num_gpus() > 0 else "faiss-cpu"
 
     def __len__(self) -> int:
-        """Number of indexed bank vectors M."""
+        """Number of bank vectors M."""
         return self.size
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
-        """k nearest bank rows of ``queries`` [N, D]: (distances [N, k] float32 >= 0, indices [N, k] int64)."""
+        """k nearest bank rows of ``queries`` [N, D] -> (distances [N, k] float32 >= 0, indices [N, k] int64).
+
+        Rows are sorted by increasing distance; both tensors are on the queries' device.
+        """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be [N, {self.dim}], got shape {tuple(queries.shape)}")
+            raise ValueError(f"queries must have shape [N, {self.dim}], got {tuple(queries.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if k > self.size:
-            raise ValueError(f"k={k} exceeds the number of bank vectors M={self.size}")
+            raise ValueError(f"k={k} exceeds the number of memory-bank vectors M={self.size}")
         device = queries.device
         if queries.shape[0] == 0:
-            empty = torch.empty(0, k, device=device)
-            return empty, empty.long()
-        if self.backend == "torch":
-            dist, idx = self._search_torch(_as_float32(queries), k)
+            return torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.long, device=device)
+        queries = _as_float32(queries)
+        if self._forced_torch or (queries.is_cuda and faiss_num_gpus() == 0):
+            self.backend = "torch"
+            return self._search_torch(queries, k)
+        if queries.is_cuda:
+            index = self._gpu(queries.device)
+            self.backend = "faiss-gpu"
         else:
-            q = _as_float32(queries).cpu().numpy()
-            sq, idx_np = self._index.search(q, k)
-            dist = torch.from_numpy(sq).clamp_min_(0).sqrt_()
-            idx = torch.from_numpy(idx_np).long()
-        return dist.to(device), idx.to(device)
+            index = self._cpu_index
+            self.backend = "faiss-cpu"
+        sq_dist, idx = index.search(queries.cpu().numpy(), k)
+        dist = torch.from_numpy(sq_dist).clamp_min_(0).sqrt_()
+        return dist.to(device), torch.from_numpy(idx).to(device=device, dtype=torch.long)
+
+    def _gpu(self, device: torch.device) -> Any:
+        """The faiss GPU index on ``device`` (built on first use)."""
+        if self._gpu_index is None:  # pragma: no cover - needs faiss GPU support
+            self._gpu_resources = faiss.StandardGpuResources()
+            ordinal = device.index if device.index is not None else torch.cuda.current_device()
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, ordinal, self._cpu_index)
+        return self._gpu_index
 
     def _search_torch(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Chunked exact search with torch.cdist: ([N, k] distances, [N, k] indices) on the bank's device."""
-        bank = self.bank.to(queries.device)
+        """Chunked exact search on the queries' device: ([N, k] distances, [N, k] indices)."""
+        device = queries.device
+        if self.bank.device != device:
+            self.bank = self.bank.to(device)
+            self._bank_sq = None
+        if self._bank_sq is None:
+            self._bank_sq = self.bank.square().sum(1)
+        bank, bank_sq = self.bank, self._bank_sq
         n = queries.shape[0]
         chunk = max(1, _TORCH_BLOCK_ELEMENTS // self.size)
-        dists = torch.empty(n, k, device=queries.device)
-        idxs = torch.empty(n, k, dtype=torch.long, device=queries.device)
+        dists = torch.empty(n, k, device=device)
+        idxs = torch.empty(n, k, dtype=torch.long, device=device)
         for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            block = torch.cdist(queries[start:stop], bank, compute_mode="use_mm_for_euclid_dist")  # [c, M]
+            q = queries[start : start + chunk]
+            # ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2, the last term added after the top-k (same order)
+            block = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # [c, M]
             if k == 1:
                 value, index = block.min(dim=1, keepdim=True)
             else:
                 value, index = torch.topk(block, k, dim=1, largest=False, sorted=True)
-            dists[start:stop] = value
-            idxs[start:stop] = index
-        return dists.clamp_min_(0), idxs
+            dists[start : start + chunk] = value.add_(q.square().sum(1, keepdim=True))
+            idxs[start : start + chunk] = index
+        return dists.clamp_min_(0).sqrt_(), idxs

@@ -1,0 +1,137 @@
+"""Greedy k-center coreset: the fast implementation selects exactly what the plain algorithm selects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adx.models.components import coreset
+from adx.models.components.coreset import greedy_coreset, greedy_coreset_reference, sample_size
+
+
+def _blobs(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
+    """Gaussian blobs [n, dim] with uneven spreads."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, dim, generator=gen) * 4
+    spread = torch.rand(centres, 1, generator=gen) + 0.2
+    which = torch.randint(centres, (n,), generator=gen)
+    return means[which] + spread[which] * torch.randn(n, dim, generator=gen)
+
+
+def _datasets() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    low_rank = torch.rand(5000, 3, generator=gen) @ torch.randn(3, 40, generator=gen)
+    duplicates = torch.randn(800, 24, generator=gen)[torch.randint(800, (5000,), generator=gen)]
+    return {
+        "blobs": _blobs(5000, 64, 12, seed=1),
+        "uniform": torch.rand(5000, 64, generator=gen),
+        "low_rank": low_rank,
+        "duplicates": duplicates,
+        "grid": torch.stack(torch.meshgrid(torch.arange(50.0), torch.arange(100.0), indexing="ij"), -1).view(-1, 2),
+    }
+
+
+DATASETS = _datasets()
+
+
+@pytest.fixture(params=["default", "sparse_from_start"])
+def phases(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run with the default dense/sparse switch, and with the sparse phase from the first step."""
+    if request.param == "sparse_from_start":
+        monkeypatch.setattr(coreset, "_DENSE_CHECK_EVERY", 1)
+        monkeypatch.setattr(coreset, "_DENSE_FRACTION", 2.0)
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("projection_dim", [None, 16])
+def test_fast_equals_reference(name: str, projection_dim: int | None, phases: str) -> None:
+    features = DATASETS[name]
+    ref = greedy_coreset_reference(features, 500, projection_dim=projection_dim, seed=3)
+    fast = greedy_coreset(features, 500, projection_dim=projection_dim, seed=3, progress=False)
+    assert fast.dtype == torch.long and fast.shape == (500,)
+    assert torch.equal(fast, ref)
+    if name not in ("duplicates", "grid"):
+        assert len(set(fast.tolist())) == 500
+
+
+def test_more_centres_than_distinct_points(phases: str) -> None:
+    features = torch.randn(300, 8)[torch.randint(300, (1000,))]
+    ref = greedy_coreset_reference(features, 600, projection_dim=None, seed=0)
+    fast = greedy_coreset(features, 600, projection_dim=None, seed=0, progress=False)
+    assert torch.equal(fast, ref)
+
+
+def test_many_steps_rebuild(phases: str) -> None:
+    features = _blobs(3000, 8, 5, seed=4)
+    ref = greedy_coreset_reference(features, 2900, projection_dim=None, seed=1)
+    fast = greedy_coreset(features, 2900, projection_dim=None, seed=1, progress=False)
+    assert torch.equal(fast, ref)
+
+
+def test_small_and_edge_sizes() -> None:
+    features = torch.randn(50, 5)
+    assert torch.equal(greedy_coreset(features, 50, progress=False), torch.arange(50))
+    assert torch.equal(greedy_coreset(features, 80, progress=False), torch.arange(50))
+    assert torch.equal(greedy_coreset_reference(features, 80), torch.arange(50))
+    one = greedy_coreset(features, 1, seed=5, progress=False)
+    assert one.shape == (1,) and torch.equal(one, greedy_coreset_reference(features, 1, seed=5))
+    assert torch.equal(greedy_coreset(features, 2, progress=False), greedy_coreset_reference(features, 2))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="positive"):
+            greedy_coreset(features, bad)
+        with pytest.raises(ValueError, match="positive"):
+            greedy_coreset_reference(features, bad)
+    with pytest.raises(ValueError, match="2-D"):
+        greedy_coreset(torch.randn(10), 3)
+
+
+def test_first_index_and_greedy_property() -> None:
+    features = _blobs(2000, 10, 6, seed=7)
+    idx = greedy_coreset(features, 100, projection_dim=None, seed=11, progress=False)
+    # every new centre is the point farthest from the previous ones
+    for step in (1, 10, 99):
+        dist = torch.cdist(features, features[idx[:step]]).min(1).values
+        assert dist[idx[step]] == pytest.approx(dist.max().item(), rel=1e-5)
+
+
+def test_determinism_and_seed() -> None:
+    features = _blobs(3000, 32, 8, seed=2)
+    a = greedy_coreset(features, 200, seed=0, progress=False)
+    b = greedy_coreset(features, 200, seed=0, progress=False)
+    c = greedy_coreset(features, 200, seed=1, progress=False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_projection_and_dtypes() -> None:
+    features = _blobs(2000, 40, 6, seed=3)
+    # projection_dim >= D means no projection
+    assert torch.equal(
+        greedy_coreset(features, 100, projection_dim=40, progress=False),
+        greedy_coreset(features, 100, projection_dim=None, progress=False),
+    )
+    ref = greedy_coreset_reference(features.double(), 100, projection_dim=8)
+    assert torch.equal(greedy_coreset(features.double(), 100, projection_dim=8, progress=False), ref)
+    half = features.half()
+    assert torch.equal(
+        greedy_coreset(half, 100, projection_dim=8, progress=False), greedy_coreset_reference(half, 100, 8)
+    )
+    with pytest.raises(ValueError, match="projection_dim"):
+        greedy_coreset(features, 10, projection_dim=0)
+
+
+def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    greedy_coreset(torch.randn(600, 4), 300, progress=True, desc="bank")
+    err = capsys.readouterr().err
+    assert "bank" in err and "300/300" in err
+
+
+def test_sample_size() -> None:
+    assert sample_size(1000, 0.1) == 100
+    assert sample_size(1000, 1.0) == 1000
+    assert sample_size(5, 0.01) == 1
+    assert sample_size(327680, 0.1) == 32768
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            sample_size(100, bad)
