@@ -18,8 +18,9 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MVTec-layout category (12 train, 4 good + 6 defective test images of 64 px)."""
     from adx.data import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "demo", n_train=12, n_test_good=4,
-                          n_test_bad=6, size=64)
+    return make_synthetic(
+        tmp_path_factory.mktemp("synthetic") / "demo", n_train=12, n_test_good=4, n_test_bad=6, size=64
+    )
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,38 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import CONFIGS
 
 from adx.cli import main
-from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
 
 
 def _fit_args(root: Path, runs: Path, model: str = "patchcore") -> list[str]:
     return [
-        "fit", "--config", str(CONFIGS / model / "demo.yaml"),
-        "--data.root", str(root), "--data.image_size", "64", "--data.num_workers", "0",
-        "--data.batch_size", "4", "--data.n_train", "12", "--data.n_test_good", "4", "--data.n_test_bad", "6",
-        "--data.size", "64", "--root_dir", str(runs), "--trainer.enable_progress_bar", "false",
+        "fit",
+        "--config",
+        str(CONFIGS / model / "demo.yaml"),
+        "--data.root",
+        str(root),
+        "--data.image_size",
+        "64",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.n_train",
+        "12",
+        "--data.n_test_good",
+        "4",
+        "--data.n_test_bad",
+        "6",
+        "--data.size",
+        "64",
+        "--root_dir",
+        str(runs),
+        "--trainer.enable_progress_bar",
+        "false",
     ]
 
 
@@ -64,10 +83,22 @@ def test_test_and_predict_from_checkpoint_alone(fitted_run: Path, tmp_path: Path
 
 def test_print_config_layers_overrides_and_interpolation(tmp_path: Path, capsys) -> None:
     extra = tmp_path / "extra.yaml"
-    extra.write_text("data:\n  init_args:\n    image_size: 96\nmodel:\n  init_args:\n    blur_sigma: ${data.init_args.image_size}\n")
+    extra.write_text(
+        "data:\n  init_args:\n    image_size: 96\nmodel:\n  init_args:\n    blur_sigma: ${data.init_args.image_size}\n"
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / "patchcore" / "demo.yaml"), "--config", str(extra),
-              "--model.coreset_ratio", "0.01", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "patchcore" / "demo.yaml"),
+                "--config",
+                str(extra),
+                "--model.coreset_ratio",
+                "0.01",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["coreset_ratio"] == 0.01
@@ -77,8 +108,17 @@ def test_print_config_layers_overrides_and_interpolation(tmp_path: Path, capsys)
 
 def test_unknown_key_is_named(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / "patchcore" / "demo.yaml"), "--model.coreset_ratoi", "0.1",
-              "--root_dir", str(tmp_path)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "patchcore" / "demo.yaml"),
+                "--model.coreset_ratoi",
+                "0.1",
+                "--root_dir",
+                str(tmp_path),
+            ]
+        )
     assert "coreset_ratoi" in capsys.readouterr().err
 
 

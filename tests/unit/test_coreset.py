@@ -27,7 +27,9 @@ def _datasets() -> dict[str, torch.Tensor]:
         "uniform": torch.rand(5000, 64, generator=gen),
         "low_rank": low_rank,
         "duplicates": duplicates,
-        "grid": torch.stack(torch.meshgrid(torch.arange(50.0), torch.arange(100.0), indexing="ij"), -1).view(-1, 2),
+        "grid": torch.stack(torch.meshgrid(torch.arange(50.0), torch.arange(100.0), indexing="ij"), -1).view(
+            -1, 2
+        ),
     }
 
 

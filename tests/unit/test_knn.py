@@ -7,7 +7,10 @@ import torch
 
 from adx.models.components.knn import NearestNeighbours, faiss_available
 
-BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="no faiss"))]
+BACKENDS = [
+    "torch",
+    pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="no faiss")),
+]
 
 
 def _brute_force(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

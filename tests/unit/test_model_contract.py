@@ -16,14 +16,27 @@ SMALL = {"PatchCore": {"coreset_ratio": 0.05, "progress": False}, "Padim": {"n_f
 
 
 def _datamodule(root: Path, **kw) -> MVTec:
-    return MVTec(root=str(root.parent), category=root.name, image_size=64, batch_size=4, eval_batch_size=4,
-                 num_workers=0, **kw)
+    return MVTec(
+        root=str(root.parent),
+        category=root.name,
+        image_size=64,
+        batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        **kw,
+    )
 
 
 def _trainer(tmp_path: Path) -> Trainer:
-    return Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, num_sanity_val_steps=0,
-                   callbacks=[Calibration(), ResultsWriter()])
+    return Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[Calibration(), ResultsWriter()],
+    )
 
 
 @pytest.fixture(params=sorted(MODELS))
