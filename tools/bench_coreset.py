@@ -30,7 +30,7 @@ from adx.models.components.coreset import greedy_coreset, greedy_coreset_referen
 def synthetic_features(n: int, dim: int, seed: int = 0, components: int = 64, rank: int = 12) -> torch.Tensor:
     """Mixture of low-rank Gaussians [n, dim], non-negative like ReLU/avg-pooled CNN patch features."""
     gen = torch.Generator().manual_seed(seed)
-    weights = torch.distributions.Dirichlet(torch.ones(components)).sample()  # uneven cluster sizes
+    weights = -torch.rand(components, generator=gen).log_()  # Dirichlet(1): uneven cluster sizes
     comp = torch.multinomial(weights, n, replacement=True, generator=gen)
     means = torch.randn(components, dim, generator=gen).clamp_min_(0) + 0.2
     factors = torch.randn(components, dim, rank, generator=gen) * (0.5 / math.sqrt(rank))

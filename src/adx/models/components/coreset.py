@@ -148,6 +148,7 @@ class _Clusters:
         # One spare slot so that clamped gathers at a list's end stay in bounds.
         self.buf_idx = torch.zeros(self.capacity + 1, dtype=torch.long, device=device)
         self.buf_key = torch.zeros(self.capacity + 1, device=device)
+        self.buf_key[self.capacity] = -math.inf  # never a candidate
         self.seg_start = torch.zeros(n_max, dtype=torch.long, device=device)
         self.seg_len = torch.zeros(n_max, dtype=torch.long, device=device)
         self.radius = torch.full((n_max,), -1.0, device=device)  # [n] max squared dist of members; -1 empty
@@ -162,7 +163,7 @@ class _Clusters:
         self.tolerance = 1e-4 + 4.0 * (points.shape[1] + 8) * 2.0**-24
         self.centre_dist = torch.empty(n_max, device=device)
         self.scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
-        self.arange = torch.arange(n_points + 1, device=device)
+        self.arange = torch.arange(max(n_points, n_max) + 1, device=device)
         self.tail = 0
         self.rebuild(n_clusters)
 
@@ -180,95 +181,110 @@ class _Clusters:
 
     def _refresh(self, clusters: Tensor) -> None:
         """Radius and far point of ``clusters`` [c] from the first entry of their lists."""
-        first = self.seg_start[clusters]
-        empty = self.seg_len[clusters] == 0
-        self.radius[clusters] = self.buf_key[first].masked_fill_(empty, -1.0)
-        self.far[clusters] = self.buf_idx[first].masked_fill_(empty, self.n_points)
+        first = self.seg_start.index_select(0, clusters)
+        empty = self.seg_len.index_select(0, clusters) == 0
+        self.radius.index_copy_(0, clusters, self.buf_key.index_select(0, first).masked_fill_(empty, -1.0))
+        self.far.index_copy_(
+            0, clusters, self.buf_idx.index_select(0, first).masked_fill_(empty, self.n_points)
+        )
 
     def next_index(self, n_clusters: int) -> int:
         """Point with the largest min-distance (smallest index on ties): far point of the widest cluster."""
         radius = self.radius[:n_clusters]
-        return int(self.far[:n_clusters][radius == radius.max()].min().item())
+        widest = torch.nonzero(radius == radius.max())[:, 0]
+        return int(self.far.index_select(0, widest).min().item())
 
     def _prefix_lengths(self, starts: Tensor, lens: Tensor, threshold: Tensor) -> Tensor:
         """Per list [c]: how many leading keys exceed ``threshold`` [c] (galloping scan of sorted lists)."""
         count = torch.zeros_like(lens)
         rows = self.arange[: lens.shape[0]]
         offset, width = 0, 16
-        while rows.shape[0] > 0:
+        while True:
             cols = self.arange[:width]
-            remaining = lens[rows] - offset
-            pos = (starts[rows] + offset).unsqueeze(1) + cols  # [r, width]
-            pos = torch.minimum(pos, (starts[rows] + lens[rows]).unsqueeze(1))  # past the end: harmless slot
-            hit = (self.buf_key[pos] > threshold[rows].unsqueeze(1)) & (cols < remaining.unsqueeze(1))
-            found = hit.sum(1)
-            count[rows] += found
-            more = (found == width) & (remaining > width)
-            rows = rows[more]
+            remaining = (lens - offset).unsqueeze_(1)  # [r, 1]
+            pos = (starts + offset).unsqueeze_(1) + cols  # [r, width]
+            pos = torch.where(cols < remaining, pos, self.capacity)  # past a list's end: the -inf slot
+            keys = self.buf_key.index_select(0, pos.view(-1)).view(pos.shape)
+            found = (keys > threshold.unsqueeze(1)).sum(1)
+            count.index_add_(0, rows, found)
+            more = torch.nonzero((found == width) & (remaining[:, 0] > width))[:, 0]
+            if more.shape[0] == 0:
+                return count
+            rows, starts, lens = (
+                rows.index_select(0, more),
+                starts.index_select(0, more),
+                lens.index_select(0, more),
+            )
+            threshold = threshold.index_select(0, more)
             offset += width
             width *= 2
-        return count
 
     def add(self, index: int, cluster: int) -> int:
         """Add point ``index`` as the centre of new cluster id ``cluster``; returns #exact distances computed."""
         points, device = self.points, self.points.device
         centre = self.centres[cluster]
+        centred = self.centred[cluster]
+        torch.sub(centre, self.mean, out=centred)
+        centred_sq = torch.dot(centred, centred)
+        self.centred_sq[cluster] = centred_sq
+        # Lower bound on d2(c_j, c) for all existing centres: |a|^2 + |b|^2 - 2 a.b minus its error bound.
+        norms = self.centred_sq[:cluster] + centred_sq
+        threshold = torch.addmv(
+            norms, self.centred[:cluster], centred, alpha=-2.0, out=self.centre_dist[:cluster]
+        )
+        threshold.sub_(norms, alpha=self.tolerance).mul_(0.25 / (1.0 + _PRUNE_MARGIN))
         # Point x of cluster j can only get closer to c than to c_j if d(c_j, c) < 2 d(x, c_j), i.e.
         # d2(x, c_j) > d2(c_j, c) / 4 (triangle inequality); a relative margin covers rounding. Lists are
         # sorted by d2(x, c_j), so the candidates of a list are a prefix of it.
-        centred = self.centred[cluster]
-        torch.sub(centre, self.mean, out=centred)
-        centred_sq = self.centred_sq[cluster : cluster + 1]
-        torch.sum(centred.square(), 0, keepdim=True, out=centred_sq)
-        # Lower bound on d2(c_j, c) for all existing centres: |a|^2 + |b|^2 - 2 a.b minus its error bound.
-        norms = self.centred_sq[:cluster] + centred_sq
-        threshold = torch.mv(self.centred[:cluster], centred, out=self.centre_dist[:cluster])
-        threshold.mul_(-2.0).add_(norms).sub_(norms.mul_(self.tolerance))
-        threshold.mul_(0.25 / (1.0 + _PRUNE_MARGIN))
         touched = torch.nonzero(self.radius[:cluster] > threshold)[:, 0]
         n_touched = touched.shape[0]
-        starts = self.seg_start[touched]
-        threshold = threshold[touched]
-        prefix = self._prefix_lengths(starts, self.seg_len[touched], threshold)
+        starts = self.seg_start.index_select(0, touched)
+        prefix = self._prefix_lengths(
+            starts, self.seg_len.index_select(0, touched), threshold.index_select(0, touched)
+        )
         total = int(prefix.sum().item())
         local = torch.repeat_interleave(self.arange[:n_touched], prefix, output_size=total)
-        first = torch.cumsum(prefix, 0) - prefix  # [T] where each list's candidates begin
-        slots = starts[local] + (self.arange[:total] - first[local])
-        ids = self.buf_idx[slots]
-        keys = self.buf_key[slots]
+        first = torch.cumsum(prefix, 0).sub_(prefix)  # [T] where each list's candidates begin
+        slots = (starts - first).index_select(0, local).add_(self.arange[:total])
+        ids = self.buf_idx.index_select(0, slots)
+        keys = self.buf_key.index_select(0, slots)
         dist = _sq_dists(points, centre, ids, torch.empty(total, device=device), self.scratch)
         closer = dist < keys
-        movers = ids[closer]
-        mover_dist = dist[closer]
+        moved_at = torch.nonzero(closer)[:, 0]
+        movers = ids.index_select(0, moved_at)
+        mover_dist = dist.index_select(0, moved_at)
         n_movers = movers.shape[0]
-        self.min_dist[movers] = mover_dist
-        self.assign[movers] = cluster
+        self.min_dist.index_copy_(0, movers, mover_dist)
+        self.assign.index_fill_(0, movers, cluster)
         # Remove movers from their lists: the staying candidates shift right by the number of movers of
         # their list (order kept), and the list now starts that many slots later.
-        moved = torch.bincount(local[closer], minlength=n_touched)
-        stay = ~closer
-        kept = torch.cumsum(stay, 0)  # [total] stays up to and including this slot
-        kept_before = (kept - stay.long())[first.clamp(max=max(total - 1, 0))] if total else kept
-        rank = kept - 1 - kept_before[local]
-        new_slots = (starts + moved)[local] + rank
-        self.buf_idx[new_slots[stay]] = ids[stay]
-        self.buf_key[new_slots[stay]] = keys[stay]
-        self.seg_start[touched] += moved
-        self.seg_len[touched] -= moved
-        self._refresh(touched)
+        moved = torch.bincount(local.index_select(0, moved_at), minlength=n_touched)
+        stay_at = torch.nonzero(closer.logical_not_())[:, 0]
+        stays = prefix - moved
+        shift = starts + moved - torch.cumsum(stays, 0).sub_(stays)
+        new_slots = shift.index_select(0, local.index_select(0, stay_at)).add_(
+            self.arange[: stay_at.shape[0]]
+        )
+        self.buf_idx.index_copy_(0, new_slots, ids.index_select(0, stay_at))
+        self.buf_key.index_copy_(0, new_slots, keys.index_select(0, stay_at))
+        changed = touched.index_select(0, torch.nonzero(moved)[:, 0])
+        self.seg_start.index_add_(0, touched, moved)
+        self.seg_len.index_add_(0, touched, moved.neg_())
+        self._refresh(changed)
         # The new cluster's list, sorted by (distance descending, index ascending).
         if self.tail + n_movers > self.capacity:
             self.rebuild(cluster + 1)
         else:
             movers = movers.sort().values
-            mover_dist = self.min_dist[movers]
+            mover_dist = self.min_dist.index_select(0, movers)
             order = torch.argsort(mover_dist, descending=True, stable=True)
-            self.buf_idx[self.tail : self.tail + n_movers] = movers[order]
-            self.buf_key[self.tail : self.tail + n_movers] = mover_dist[order]
+            end = self.tail + n_movers
+            torch.index_select(movers, 0, order, out=self.buf_idx[self.tail : end])
+            torch.index_select(mover_dist, 0, order, out=self.buf_key[self.tail : end])
             self.seg_start[cluster] = self.tail
             self.seg_len[cluster] = n_movers
-            self.tail += n_movers
-            self._refresh(torch.full((1,), cluster, dtype=torch.long, device=device))
+            self.tail = end
+            self._refresh(self.arange[cluster : cluster + 1])
         return total
 
 
