@@ -36,6 +36,15 @@ def _datasets() -> dict[str, torch.Tensor]:
 DATASETS = _datasets()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Small problems: one intra-op thread avoids OpenMP stalls when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["default", "sparse_from_start"])
 def phases(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run with the default dense/sparse switch, and with the sparse phase from the first step."""

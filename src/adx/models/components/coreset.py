@@ -1,27 +1,32 @@
-"""Greedy k-center coreset subsampling (PatchCore memory-bank reduction).
+"""Greedy k-center coreset subsampling (PatchCore memory-bank reduction, Roth et al. 2022).
 
-Two implementations of the same selection rule are provided:
+Two implementations of the same selection rule:
 
 * :func:`greedy_coreset_reference` -- the textbook algorithm: at every step the distance from the newest
-  centre to all ``N`` points is computed, the running minimum is updated and the point with the largest
-  minimum distance becomes the next centre. ``O(n * N * d)``.
-* :func:`greedy_coreset` -- identical selection, much faster. Every point remembers the centre it is
-  closest to; every centre (cluster) remembers its radius (largest point-to-centre distance) and the point
-  attaining it. The next centre is the far point of the widest cluster (an argmax over the ``k`` clusters,
-  not over the ``N`` points). When a centre ``c`` is added, only the points of clusters ``j`` with
-  ``dist(c_j, c) < 2 * radius_j`` can get closer to ``c`` than to ``c_j`` (triangle inequality), so only
-  those points are visited.
+  centre to all ``N`` points is computed, the running minimum distance is updated and the point with the
+  largest minimum distance becomes the next centre. ``O(n * N * d)``.
+* :func:`greedy_coreset` -- the same selection, much faster. It starts like the reference (the "dense"
+  phase, while most points can still move) and keeps, for every point, the centre it is closest to. Then
+  (the "sparse" phase) every centre j keeps the list of its points sorted by distance, so its radius
+  ``r_j`` and far point are the list's first entry, and the next centre is the far point of the widest
+  cluster (an argmax over the ``k`` centres, not the ``N`` points). When a centre ``c`` is added, a point
+  ``x`` of cluster ``j`` can only get closer to ``c`` than to ``c_j`` if ``d(c_j, c) < 2 d(x, c_j)``
+  (triangle inequality), so only a prefix of each list is visited and clusters with
+  ``d(c_j, c) >= 2 r_j`` are skipped. Centre-centre distances come from one matrix-vector product over
+  the ``k`` centres per step, used as certified lower bounds (rounding error allowance).
 
 Both compute point-to-centre distances with the same row-wise arithmetic (:func:`_sq_dists`) on the same
-projected matrix, so the running minimum distances are bit-identical and so is the selection, including
-tie-breaking (the smallest point index wins among equally far points, as ``torch.argmax`` does).
-Squared Euclidean distances are used throughout; the order is the same as for Euclidean distances.
+projected matrix, so the minimum distances are bit-identical and so is the selection, tie-breaking
+included (the smallest point index wins among equally far points, as ``torch.argmax``). Pruning uses
+safety margins far above float32 rounding, so it never skips a point that could move. Squared Euclidean
+distances are used throughout (same order as Euclidean distances).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 
 import torch
 from torch import Tensor
@@ -29,16 +34,18 @@ from tqdm import tqdm
 
 __all__ = ["greedy_coreset", "greedy_coreset_reference", "sample_size"]
 
-# Rows per chunk for distance computations: a chunk of 4096 x 128 float32 (2 MiB) stays in L2 cache.
-_CHUNK_ROWS = 4096
-# Relative safety margin on squared distances for the pruning test. Computed squared distances carry a
-# relative rounding error of about log2(d) * 2**-24 (< 1e-6); 1e-3 keeps pruning provably safe.
+# Elements per chunk of distance computations: 4096 rows x 128 float32 (2 MiB) stay in L2 cache.
+_CHUNK_ELEMENTS = 1 << 19
+# Relative safety margin on squared distances for the pruning test. A computed squared distance has a
+# relative rounding error below (d + 2) * 2**-24 (worst case; typically ~1e-7); pruning is safe while the
+# margin exceeds twice that, so 1e-3 is used (more for very large d, see _prune_margin).
 _PRUNE_MARGIN = 1e-3
 # Dense phase: check every this many steps whether the sparse phase would visit < this fraction of points.
 _DENSE_CHECK_EVERY = 16
 _DENSE_FRACTION = 0.25
-# Progress bar refresh period, in selection steps.
-_PROGRESS_EVERY = 256
+# Progress bar refresh: at most every this many seconds, checked every _PROGRESS_EVERY steps.
+_PROGRESS_EVERY = 16
+_PROGRESS_SECONDS = 0.5
 
 
 def sample_size(n_total: int, ratio: float) -> int:
@@ -61,7 +68,7 @@ def _prepare(features: Tensor, projection_dim: int | None, seed: int) -> tuple[T
     if projection_dim is not None and projection_dim <= 0:
         raise ValueError(f"projection_dim must be positive or None, got {projection_dim}")
     if projection_dim is None or projection_dim >= dim:
-        projected = features.to(dtype=torch.float32).contiguous()
+        projected = features.detach().to(dtype=torch.float32).contiguous()
     else:
         # Dense Gaussian Johnson-Lindenstrauss projection, N(0, 1/p) entries; used for selection only.
         weight = torch.randn(dim, projection_dim, generator=generator, dtype=torch.float32)
@@ -70,7 +77,7 @@ def _prepare(features: Tensor, projection_dim: int | None, seed: int) -> tuple[T
         step = max(1, (1 << 24) // dim)  # bounded temporaries when features are not float32
         for start in range(0, n_points, step):
             stop = min(n_points, start + step)
-            torch.matmul(features[start:stop].to(torch.float32), weight, out=projected[start:stop])
+            torch.matmul(features[start:stop].detach().to(torch.float32), weight, out=projected[start:stop])
     start_index = int(torch.randint(n_points, (1,), generator=generator).item())
     return projected, start_index
 
@@ -79,11 +86,12 @@ def _sq_dists(points: Tensor, centre: Tensor, rows: Tensor | None, out: Tensor, 
     """Squared distances [m] from ``centre`` [p] to ``points[rows]`` (or all of ``points`` [N, p]) into out.
 
     The arithmetic is row-wise (subtract, square, sum over a contiguous row), so a point's value does not
-    depend on which other rows are computed with it. ``scratch`` is a [_CHUNK_ROWS, p] float32 buffer.
+    depend on which other rows are computed with it. ``scratch`` is a [chunk, p] float32 buffer.
     """
     total = points.shape[0] if rows is None else rows.shape[0]
-    for start in range(0, total, _CHUNK_ROWS):
-        stop = min(total, start + _CHUNK_ROWS)
+    chunk = scratch.shape[0]
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
         block = scratch[: stop - start]
         if rows is None:
             torch.sub(points[start:stop], centre, out=block)
@@ -93,6 +101,17 @@ def _sq_dists(points: Tensor, centre: Tensor, rows: Tensor | None, out: Tensor, 
         block.mul_(block)
         torch.sum(block, dim=1, out=out[start:stop])
     return out
+
+
+def _prune_margin(dim: int) -> float:
+    """Relative margin on squared distances for pruning tests in dimension ``dim``."""
+    return max(_PRUNE_MARGIN, 64.0 * (dim + 2) * 2.0**-24)
+
+
+def _scratch(points: Tensor) -> Tensor:
+    """Float32 work buffer [rows, p] for :func:`_sq_dists` (about _CHUNK_ELEMENTS elements)."""
+    rows = max(64, _CHUNK_ELEMENTS // points.shape[1])
+    return torch.empty(rows, points.shape[1], dtype=torch.float32, device=points.device)
 
 
 def _check_n(n: int, n_points: int) -> bool:
@@ -111,7 +130,7 @@ def greedy_coreset_reference(
         return torch.arange(n_points, device=features.device)
     points, index = _prepare(features, projection_dim, seed)
     device = points.device
-    scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
+    scratch = _scratch(points)
     min_dist = torch.full((n_points,), math.inf, device=device)
     dist = torch.empty(n_points, device=device)
     selected = torch.empty(n, dtype=torch.long, device=device)
@@ -161,8 +180,9 @@ class _Clusters:
         torch.sub(centres[:n_clusters], self.mean, out=self.centred[:n_clusters])
         torch.sum(self.centred[:n_clusters].square(), 1, out=self.centred_sq[:n_clusters])
         self.tolerance = 1e-4 + 4.0 * (points.shape[1] + 8) * 2.0**-24
+        self.margin = _prune_margin(points.shape[1])
         self.centre_dist = torch.empty(n_max, device=device)
-        self.scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
+        self.scratch = _scratch(points)
         self.arange = torch.arange(max(n_points, n_max) + 1, device=device)
         self.tail = 0
         self.rebuild(n_clusters)
@@ -232,7 +252,7 @@ class _Clusters:
         threshold = torch.addmv(
             norms, self.centred[:cluster], centred, alpha=-2.0, out=self.centre_dist[:cluster]
         )
-        threshold.sub_(norms, alpha=self.tolerance).mul_(0.25 / (1.0 + _PRUNE_MARGIN))
+        threshold.sub_(norms, alpha=self.tolerance).mul_(0.25 / (1.0 + self.margin))
         # Point x of cluster j can only get closer to c than to c_j if d(c_j, c) < 2 d(x, c_j), i.e.
         # d2(x, c_j) > d2(c_j, c) / 4 (triangle inequality); a relative margin covers rounding. Lists are
         # sorted by d2(x, c_j), so the candidates of a list are a prefix of it.
@@ -293,7 +313,33 @@ def _candidate_fraction(
 ) -> float:
     """Fraction of the N points the sparse phase would visit if ``points[index]`` [p] were added now."""
     centre_dist = (centres[:n_centres] - points[index]).pow_(2).sum(1)  # [k]
-    return (centre_dist[assign] < min_dist * (4.0 * (1.0 + _PRUNE_MARGIN))).float().mean().item()
+    limit = min_dist * (4.0 * (1.0 + _prune_margin(points.shape[1])))  # [N]
+    return (centre_dist[assign] < limit).float().mean().item()
+
+
+class _Progress:
+    """tqdm bar on stderr refreshed at most every _PROGRESS_SECONDS (cheap to call every step)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        """Open the bar (disabled when ``enabled`` is False)."""
+        self.bar = tqdm(
+            total=total, desc=desc, unit="pt", file=sys.stderr, disable=not enabled, smoothing=0.1
+        )
+        self.enabled = enabled
+        self.last = time.monotonic()
+
+    def step(self, done: int) -> None:
+        """Report ``done`` selected points."""
+        if self.enabled and done % _PROGRESS_EVERY == 0:
+            now = time.monotonic()
+            if now - self.last >= _PROGRESS_SECONDS:
+                self.bar.update(done - self.bar.n)
+                self.last = now
+
+    def close(self, done: int) -> None:
+        """Final update and close."""
+        self.bar.update(done - self.bar.n)
+        self.bar.close()
 
 
 def greedy_coreset(
@@ -304,9 +350,11 @@ def greedy_coreset(
     progress: bool = True,
     desc: str = "coreset",
 ) -> Tensor:
-    """Greedy k-center selection of ``n`` rows of ``features`` [N, D] -> LongTensor [n], fast and exact.
+    """Greedy k-center selection of ``n`` rows of ``features`` [N, D] -> LongTensor [n] (fast, exact).
 
-    Returns the same indices as :func:`greedy_coreset_reference` (same projection, start and arithmetic).
+    Selects the same indices as :func:`greedy_coreset_reference` with the same arguments. ``n >= N``
+    returns ``arange(N)``. The random projection to ``projection_dim`` (None: none) is used for the
+    selection only. On CUDA only the dense phase runs (full passes are cheap there).
     """
     n_points = features.shape[0] if features.ndim == 2 else 0
     if features.ndim == 2 and n_points > 0 and _check_n(n, n_points):
@@ -317,45 +365,41 @@ def greedy_coreset(
     centres = torch.empty(n, points.shape[1], device=device)  # [n, p] selected projected points
     min_dist = torch.full((n_points,), math.inf, device=device)  # [N] squared distance to nearest centre
     assign = torch.zeros(n_points, dtype=torch.long, device=device)  # [N] nearest centre (selection order)
-    scratch = torch.empty(_CHUNK_ROWS, points.shape[1], device=device)
-    bar = tqdm(total=n, desc=desc, unit="pt", file=sys.stderr, disable=not progress, smoothing=0.05)
+    bar = _Progress(n, desc, progress)
+    step = 0
     try:
-        # Dense phase: while most points could move, full passes (as in the reference) are cheapest.
+        # Dense phase: while most points could still move, full passes (as in the reference) are cheapest.
+        scratch = _scratch(points)
         dist = torch.empty(n_points, device=device)
-        step = 0
-        dense = True
-        while step < n:
+        may_switch = device.type == "cpu"
+        while True:
             selected[step] = index
             centres[step] = points[index]
             step += 1
-            if step % _PROGRESS_EVERY == 0:
-                bar.update(_PROGRESS_EVERY)
+            bar.step(step)
             if step == n:
-                break
+                return selected.to(features.device)
             _sq_dists(points, centres[step - 1], None, dist, scratch)
             assign.masked_fill_(dist < min_dist, step - 1)
             torch.minimum(min_dist, dist, out=min_dist)
             index = int(torch.argmax(min_dist).item())  # first maximal index on ties, as the reference
-            if step % _DENSE_CHECK_EVERY == 0:
-                fraction = _candidate_fraction(centres, step, index, points, min_dist, assign)
-                if fraction < _DENSE_FRACTION:
-                    dense = False
-                    break
-        del dist
-        if not dense:
-            # Sparse phase: per-cluster lists, visiting only points that can get closer to the new centre.
-            clusters = _Clusters(points, min_dist, assign, centres, step)
-            while step < n:
-                selected[step] = index
-                centres[step] = points[index]
-                step += 1
-                if step % _PROGRESS_EVERY == 0:
-                    bar.update(_PROGRESS_EVERY)
-                if step == n:
-                    break
-                clusters.add(index, step - 1)
-                index = clusters.next_index(step)
-        bar.update(n - bar.n)
+            if (
+                may_switch
+                and step % _DENSE_CHECK_EVERY == 0
+                and _candidate_fraction(centres, step, index, points, min_dist, assign) < _DENSE_FRACTION
+            ):
+                break
+        del dist, scratch
+        # Sparse phase: per-cluster sorted lists, visiting only points that can get closer to the new centre.
+        clusters = _Clusters(points, min_dist, assign, centres, step)
+        while True:
+            selected[step] = index
+            centres[step] = points[index]
+            step += 1
+            bar.step(step)
+            if step == n:
+                return selected.to(features.device)
+            clusters.add(index, step - 1)
+            index = clusters.next_index(step)
     finally:
-        bar.close()
-    return selected.to(features.device)
+        bar.close(step)
