@@ -66,14 +66,4 @@ class HeatmapWriter(Callback):
     ) -> None:
         self._write(trainer, outputs)
 
-    @torch.no_grad()
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._write(trainer, outputs)
+    on_predict_batch_end = on_test_batch_end
