@@ -143,6 +143,15 @@ def test_sample_size() -> None:
     assert sample_size(1000, 1.0) == 1000
     assert sample_size(5, 0.01) == 1
     assert sample_size(327680, 0.1) == 32768
-    for bad in (0.0, -0.1, 1.5, float("nan")):
+    for bad in (0.0, -0.1, 1.5, float("nan"), "x", None):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             sample_size(100, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cuda_reference() -> None:
+    features = _blobs(4000, 32, 8, seed=5).cuda()
+    fast = greedy_coreset(features, 300, projection_dim=16, progress=False)
+    assert fast.is_cuda
+    assert torch.equal(fast, greedy_coreset_reference(features, 300, projection_dim=16))

@@ -50,11 +50,15 @@ _PROGRESS_SECONDS = 0.5
 
 def sample_size(n_total: int, ratio: float) -> int:
     """Number of coreset points for ``n_total`` features at sampling ``ratio`` in (0, 1]: max(1, floor)."""
-    if not (isinstance(ratio, int | float) and 0.0 < float(ratio) <= 1.0):
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # also rejects NaN
         raise ValueError(f"coreset sampling ratio must be in (0, 1], got {ratio!r}")
     if n_total < 0:
         raise ValueError(f"n_total must be >= 0, got {n_total}")
-    return max(1, int(n_total * float(ratio)))
+    return max(1, int(n_total * value))
 
 
 def _prepare(features: Tensor, projection_dim: int | None, seed: int) -> tuple[Tensor, int]:
