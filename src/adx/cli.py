@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import adx.models  # noqa: F401  (importing registers every model for subclass resolution)
 from adx.callbacks import Calibration, HeatmapWriter, ResultsWriter
 from adx.data import AnomalyDataModule
-from adx.models.base import AnomalyModule
+from adx.models.base import AnomalyModule, CheckpointError, check_checkpoint
 
 CONFIG_KEY = "adx_config"
 QUIET = (  # Lightning notices that do not apply to adx's frozen backbones and one-pass methods
@@ -93,6 +93,14 @@ class AdxCLI(LightningCLI):
             default=True,
             help="After fit, evaluate on the test split (when the data has one).",
         )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(Calibration, "calibration")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.add_lightning_class_args(HeatmapWriter, "heatmaps")
@@ -118,13 +126,15 @@ class AdxCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 str(self.run_dir), name="", version="", default_hp_metric=False
             )
-        callbacks = list(cfg.get("callbacks") or [])
-        if self.subcommand == "fit" and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(
-                ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0)
-            )
-        kwargs["callbacks"] = callbacks
+        checkpoint = self._get(self.config_init, "checkpoint")
+        if checkpoint.monitor is None:
+            checkpoint.save_top_k = 0  # nothing to rank by: keep last.ckpt only
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = str(self.run_dir / "checkpoints")
         print(f"adx: run folder {self.run_dir}", file=sys.stderr)
+        ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand == "fit" else None
+        if ckpt_path:
+            print(f"adx: resuming training from {ckpt_path}", file=sys.stderr)
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -181,6 +191,14 @@ def expand_ckpt(args: list[str]) -> list[str]:
     ckpt = Path(value)
     if not ckpt.is_file():
         raise SystemExit(f"adx: checkpoint {ckpt} does not exist.")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # not a torch file, truncated, ...
+        raise SystemExit(f"adx: cannot read checkpoint {ckpt} ({type(exc).__name__}: {exc}).") from exc
+    try:
+        check_checkpoint(state if isinstance(state, dict) else {}, source=f"checkpoint {ckpt}")
+    except CheckpointError as exc:
+        raise SystemExit(f"adx: {exc}") from None
     rest = args[:i] + args[i + (1 if "=" in args[i] else 2) :]
     if "--config" not in rest and not any(a.startswith("--config=") for a in rest) and rest:
         rest = [rest[0], "--config", str(saved_config(ckpt)), *rest[1:]]

@@ -21,7 +21,7 @@ __all__ = [
     "mask_edges",
     "overlay",
     "panel",
-    "save_png",
+    "save_image",
     "to_uint8_image",
 ]
 
@@ -151,22 +151,34 @@ def panel(
     return np.concatenate(parts, axis=1)
 
 
-def save_png(path: str | Path, array: np.ndarray, overwrite: bool = False) -> Path:
-    """Write uint8/bool array[H,W] or [H,W,3|4] as PNG, creating parent dirs; no overwrite unless asked."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def save_image(path: str | Path, array: np.ndarray, overwrite: bool = False, quality: int = 95) -> Path:
+    """Write uint8/bool array[H,W] or [H,W,3|4] as PNG or JPEG (by suffix), creating parent dirs.
+
+    Never overwrites unless asked. JPEG (``quality``) encodes about 20x faster than PNG and drops alpha.
+    """
     path = Path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot write {path}: use a .png, .jpg or .jpeg file name")
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
-        raise TypeError(f"save_png expects a uint8 (or bool) array, got {arr.dtype}")
+        raise TypeError(f"save_image expects a uint8 (or bool) array, got {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ValueError(f"save_png expects shape [H,W] or [H,W,3|4], got {arr.shape}")
+        raise ValueError(f"save_image expects shape [H,W] or [H,W,3|4], got {arr.shape}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"refusing to overwrite existing file: {path}")
     buffer = io.BytesIO()  # encode first so a failure never leaves a truncated file behind
-    Image.fromarray(np.ascontiguousarray(arr)).save(buffer, format="PNG")
+    if fmt == "JPEG" and arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(np.ascontiguousarray(arr)).save(buffer, format=fmt, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "wb" if overwrite else "xb") as fh:

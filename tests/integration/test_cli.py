@@ -60,7 +60,7 @@ def test_fit_writes_a_complete_run_folder(fitted_run: Path) -> None:
     assert report["n_test"] == 10 and report["n_anomalous"] == 6
     assert "train_split" in report["calibration"]["source"]
     assert report["weights"]["sha256"], "the backbone weights file and hash are recorded"
-    assert len(list((fitted_run / "heatmaps").rglob("*.png"))) == 10
+    assert len(list((fitted_run / "heatmaps").rglob("*.jpg"))) == 10
     saved = yaml.safe_load((fitted_run / "config.yaml").read_text())
     assert saved["model"]["init_args"]["coreset_ratio"] == 0.05
 
@@ -78,7 +78,7 @@ def test_test_and_predict_from_checkpoint_alone(fitted_run: Path, tmp_path: Path
     pred_run = sorted(fitted_run.parent.glob("v*"))[-1]
     rows = list(csv.DictReader(open(pred_run / "predictions.csv")))
     assert len(rows) == 6 and all(0.0 <= float(r["pred_score"]) <= 1.0 for r in rows)
-    assert len(list((pred_run / "heatmaps").rglob("*.png"))) == 6
+    assert len(list((pred_run / "heatmaps").rglob("*.jpg"))) == 6
 
 
 def test_print_config_layers_overrides_and_interpolation(tmp_path: Path, capsys) -> None:
@@ -126,3 +126,40 @@ def test_padim_demo_runs(tmp_path: Path) -> None:
     main(_fit_args(tmp_path / "data", tmp_path / "runs", "padim") + ["--model.n_features", "32"])
     (run,) = (tmp_path / "runs").glob("padim/synthetic/demo/v0")
     assert json.loads((run / "metrics.json").read_text())["metrics"]["image_AUROC"] > 0.6
+
+
+def test_bad_checkpoints_are_refused_before_work(fitted_run: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    ckpt = fitted_run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["adx_format"] >= 1 and state["adx_model"] == "PatchCore"
+    old = dict(state)
+    del old["adx_format"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(SystemExit, match="not written by this version of adx"):
+        main(["test", "--ckpt", str(tmp_path / "old.ckpt")])
+    newer = dict(state, adx_format=state["adx_format"] + 1)
+    torch.save(newer, tmp_path / "newer.ckpt")
+    with pytest.raises(SystemExit, match="checkpoint format"):
+        main(["test", "--ckpt", str(tmp_path / "newer.ckpt")])
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        main(["test", "--ckpt", str(tmp_path / "junk.ckpt")])
+    root = yaml.safe_load((fitted_run / "config.yaml").read_text())["data"]["init_args"]["root"]
+    with pytest.raises(Exception, match="holds a PatchCore model, but the config builds Padim"):
+        main(
+            [
+                "test",
+                "--config",
+                str(CONFIGS / "padim" / "demo.yaml"),
+                "--data.root",
+                root,
+                "--data.image_size",
+                "64",
+                "--root_dir",
+                str(tmp_path / "runs"),
+                "--ckpt",
+                str(ckpt),
+            ]
+        )

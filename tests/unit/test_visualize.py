@@ -15,7 +15,7 @@ from adx.visualize import (
     mask_edges,
     overlay,
     panel,
-    save_png,
+    save_image,
     to_uint8_image,
 )
 
@@ -135,19 +135,33 @@ def test_panel_layout() -> None:
     assert np.array_equal(no_pred[:, :w], image)
 
 
-def test_save_png_roundtrip_and_no_overwrite(tmp_path: Path) -> None:
+def test_save_image_roundtrip_and_no_overwrite(tmp_path: Path) -> None:
     image = _image()
     path = tmp_path / "nested" / "dir" / "panel.png"
-    assert save_png(path, image) == path
+    assert save_image(path, image) == path
     assert np.array_equal(np.asarray(Image.open(path)), image)
     with pytest.raises(FileExistsError, match="panel.png"):
-        save_png(path, np.zeros_like(image))
+        save_image(path, np.zeros_like(image))
     assert np.array_equal(np.asarray(Image.open(path)), image)  # untouched
-    save_png(path, np.zeros_like(image), overwrite=True)
+    save_image(path, np.zeros_like(image), overwrite=True)
     assert not np.asarray(Image.open(path)).any()
-    save_png(tmp_path / "mask.png", _square_mask())
+    save_image(tmp_path / "mask.png", _square_mask())
     with pytest.raises(TypeError):
-        save_png(tmp_path / "float.png", np.zeros((4, 4), dtype=np.float32))
+        save_image(tmp_path / "float.png", np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="bmp"):
+        save_image(tmp_path / "panel.bmp", image)
+
+
+def test_save_image_jpeg(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 255, 40)[None, :, None] * np.linspace(0.2, 1.0, 32)[:, None, None]
+    image = np.repeat(ramp, 3, axis=2).astype(np.uint8)  # smooth, as heatmap panels are
+    path = save_image(tmp_path / "panel.jpg", image, quality=95)
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and img.size == (image.shape[1], image.shape[0])
+        decoded = np.asarray(img).astype(int)
+    assert np.abs(decoded - image).mean() < 8  # lossy but close
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    assert save_image(tmp_path / "alpha.jpeg", rgba).exists()
 
 
 def test_to_uint8_image() -> None:

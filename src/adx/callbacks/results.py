@@ -61,6 +61,17 @@ class ResultsWriter(Callback):
         keys = ROW_KEYS + (("anomaly_map", "mask", "has_mask") if pixel_metrics else ())
         self.collector = Collector(keys)
         self._t0 = 0.0
+        self.fit_metrics: dict[str, float] = {}
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the final epoch's logged train/val values (val/loss, ...) for metrics.json."""
+        self.fit_metrics = {
+            k: round(float(v), 6)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "train/")) and not k.endswith("_step")
+        }
+        if self.fit_metrics:
+            self.fit_metrics["epochs"] = trainer.current_epoch
 
     def _add(self, outputs: dict[str, Any]) -> None:
         if self.pixel_metrics and "anomaly_map" in outputs:
@@ -116,6 +127,7 @@ class ResultsWriter(Callback):
             "test_seconds": round(seconds, 3),
             "test_images_per_second": round(n / seconds, 3) if seconds > 0 else None,
             "calibration": calibration_state(pl_module),
+            "fit": self.fit_metrics,
             **run_facts(trainer, pl_module),
         }
         metrics_path = exclusive_path(folder, "metrics.json")

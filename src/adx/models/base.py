@@ -6,6 +6,8 @@ export. Subclasses wrap a plain ``nn.Module`` as ``self.model`` whose ``forward(
 ``(image_scores [B], anomaly_maps [B,H,W])`` in raw units.
 ``MemoryBankModule`` is the adapter for training-free methods: one pass over the training images
 feeds ``model.update(images)``; ``model.fit()`` runs after the last training batch.
+``TrainedModule`` is the adapter for methods trained by gradient descent: it minimises
+``model.loss(images)`` with the optimizer and scheduler named in the config.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
+
+import adx
+from adx.models.components.optim import build_optimizers
+
+CHECKPOINT_FORMAT = 2
+"""Layout version of adx checkpoints; 2 = backbones stored with BatchNorm folded into convolutions."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that this adx version or this method cannot load."""
+
 
 CALIBRATION_BUFFERS = (
     "image_threshold",
@@ -55,8 +68,12 @@ class AnomalyModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["adx_threshold_source"] = self.threshold_source
+        checkpoint["adx_format"] = CHECKPOINT_FORMAT
+        checkpoint["adx_version"] = adx.__version__
+        checkpoint["adx_model"] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(checkpoint, type(self).__name__)
         self.threshold_source = checkpoint.get("adx_threshold_source", "checkpoint")
 
     # ---- post-processing ---------------------------------------------------------------------
@@ -98,6 +115,28 @@ class AnomalyModule(LightningModule):
         return self._evaluate(batch)
 
 
+def check_checkpoint(
+    checkpoint: dict[str, Any], model: str | None = None, source: str = "the checkpoint"
+) -> None:
+    """Raise CheckpointError unless ``checkpoint`` is an adx checkpoint of this format (and of ``model``)."""
+    fmt, written_by = checkpoint.get("adx_format"), checkpoint.get("adx_model")
+    if fmt is None:
+        raise CheckpointError(
+            f"{source} was not written by this version of adx (no checkpoint format; older adx releases and "
+            "other tools are not readable). Re-fit the model with `adx fit`."
+        )
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{source} has checkpoint format {fmt} (adx {checkpoint.get('adx_version', '?')}); this adx "
+            f"{adx.__version__} reads format {CHECKPOINT_FORMAT}. Re-fit the model, or use the adx that wrote it."
+        )
+    if model is not None and written_by is not None and written_by != model:
+        raise CheckpointError(
+            f"{source} holds a {written_by} model, but the config builds {model}. Drop --config to use the "
+            f"run's own config, or pass a {model} checkpoint."
+        )
+
+
 class MemoryBankModule(AnomalyModule):
     """Adapter for training-free methods: one epoch of ``model.update``, then ``model.fit``."""
 
@@ -127,3 +166,47 @@ class MemoryBankModule(AnomalyModule):
         # Fit here, not in on_train_epoch_end: checkpoint callbacks run before the module's epoch-end hook.
         if self.current_epoch == 0 and batch_idx == self.trainer.num_training_batches - 1:
             self.model.fit()
+
+
+class TrainedModule(AnomalyModule):
+    """Adapter for methods trained by gradient descent on ``model.loss(images)`` (a scalar).
+
+    Logs ``train/loss`` (progress bar) and, on the normal validation images, ``val/loss``, which
+    ``--checkpoint.monitor val/loss`` can select the best checkpoint by. The optimizer and the optional
+    scheduler come from the subclass signature (typed defaults, overridable from the config).
+    """
+
+    def __init__(self, optimizer: Any, scheduler: Any = None, scheduler_interval: str = "epoch") -> None:
+        super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def configure_optimizers(self) -> Any:
+        return build_optimizers(
+            self.model.parameters(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
+        )
+
+    def _checked(self, loss: Tensor, stage: str) -> Tensor:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{type(self).__name__} {stage} loss is {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: lower the learning rate (--model.optimizer.lr) or check the input images."
+            )
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self._checked(self.model.loss(batch["image"]), "training")
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["image"])
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = super().validation_step(batch, batch_idx)
+        normal = torch.as_tensor(batch["label"], device=batch["image"].device) == 0
+        if normal.any():
+            loss = self._checked(self.model.loss(batch["image"][normal]), "validation")
+            self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=int(normal.sum()))
+        return out

@@ -11,6 +11,7 @@ Feature maps are chosen by stride (8, 16, ...), so a layer choice carries over t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -158,7 +159,19 @@ class Backbone(nn.Module):
         strides: Sequence[int] = (8, 16),
         weights: str | None = None,
         pretrained: bool = True,
+        optimize: bool = True,
     ) -> None:
+        """Frozen feature extractor.
+
+        Args:
+            name: timm model name (a CNN with ``features_only`` support).
+            strides: output strides of the returned maps, in order.
+            weights: explicit weights file; otherwise resolved as in the module docstring.
+            pretrained: False uses random weights (tests only).
+            optimize: drop stages after the deepest requested map, fold BatchNorm into the preceding
+                convolutions (checked numerically, undone if outputs change) and run channels-last.
+                Outputs equal the plain network's up to float rounding.
+        """
         super().__init__()
         self.name, self.strides = name, tuple(int(s) for s in strides)
         if name not in timm.list_models():
@@ -187,6 +200,17 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.model.eval()
+        self.fused = False
+        if optimize:
+            self.optimize()
+
+    def optimize(self) -> None:
+        """Drop unused stages, fold BatchNorm (kept only if outputs are unchanged), go channels-last."""
+        _drop_unused_stages(self.model)
+        fused = fold_batchnorm(self.model)
+        if fused is not None:
+            self.model, self.fused = fused, True
+        self.model.to(memory_format=torch.channels_last)
 
     def _load_pretrained(self, weights: str | None) -> None:
         path = resolve_weights(self.name, weights)
@@ -220,4 +244,68 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """[B,3,H,W] in [0,1] -> list of [B,C_i,H/s_i,W/s_i], one per stride."""
-        return self.model((images - self.mean) / self.std)
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+def _drop_unused_stages(model: nn.Module) -> None:
+    """timm's EfficientNet/MobileNet feature models run every stage; keep only those up to the last map."""
+    stage_idx = getattr(model, "_stage_out_idx", None)
+    blocks = getattr(model, "blocks", None)
+    if stage_idx and isinstance(blocks, nn.Sequential) and getattr(model, "feature_hooks", 1) is None:
+        model.blocks = blocks[: max(stage_idx)]  # stage s is the output of blocks[s - 1]
+
+
+def fold_batchnorm(model: nn.Module, probe_size: int = 64) -> nn.Module | None:
+    """Copy of eval-mode ``model`` with BatchNorm folded into the convolutions before it, or None.
+
+    None when nothing could be folded or when the folded copy's outputs on a random probe differ from
+    the original's beyond float rounding (a BatchNorm registered after a conv it does not follow).
+    """
+    fused = copy.deepcopy(model)
+    if not _fold_conv_bn(fused):
+        return None
+    probe = torch.rand(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = model(probe), fused(probe)
+    ref, out = (list(v) if isinstance(v, list | tuple) else [v] for v in (ref, out))
+    for a, b in zip(ref, out, strict=True):
+        if a.shape != b.shape or (a - b).abs().max() > 1e-4 + 1e-3 * a.abs().max():
+            return None
+    return fused
+
+
+def _fold_conv_bn(module: nn.Module) -> bool:
+    """Fold each BatchNorm2d registered right after a Conv2d into it (in place); True if any was folded.
+
+    Registration order usually is forward order; the caller checks the outputs to be sure.
+    """
+    folded = False
+    names = list(module._modules)
+    for conv_name, bn_name in zip(names, names[1:], strict=False):
+        conv, bn = module._modules[conv_name], module._modules[bn_name]
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            continue
+        if type(bn) is nn.BatchNorm2d:
+            after: nn.Module = nn.Identity()
+        elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm BatchNormAct2d: keep what follows the norm
+            after = nn.Sequential(bn.drop, bn.act)
+        else:
+            continue  # unknown BatchNorm subclass: leave it
+        if bn.running_mean is None or bn.running_var is None or conv.out_channels != bn.num_features:
+            continue
+        scale = (bn.running_var + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1), requires_grad=False)
+        conv.bias = nn.Parameter(shift.detach(), requires_grad=False)
+        module._modules[bn_name] = after
+        folded = True
+    for child in module.children():
+        folded = _fold_conv_bn(child) or folded
+    return folded
