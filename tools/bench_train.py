@@ -1,0 +1,150 @@
+"""Training throughput of a trained adx method, side by side with anomalib's (the peer's) version.
+
+    python tools/bench_train.py FastFlow ../shared/data/mvtec_ad screw --backbone resnet18 \
+        --image-size 256 --batch-size 16 --batches 8 --epochs 3 \
+        --peer /path/to/anomalib-venv/bin/python --peer-model Fastflow --out docs/bench/fastflow_train_vs_peer.json
+
+Both sides: the same images, backbone architecture with random weights (throughput does not depend on
+the weights), image size, batch size, ``num_workers=0`` and number of batches per epoch. Each epoch is
+timed from its start to the end of its last training batch (data loading included, validation
+excluded); the figure is the median over epochs after the first (warm-up). The peer runs afterwards in
+its own virtual environment via ``tools/peer_train.py``. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from adx.data import MVTec
+from adx.models import MODELS
+
+
+class EpochTimer(Callback):
+    """Seconds from each training epoch's start to the end of its last training batch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.images = 0
+        self.t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: object) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        self.images += len(batch["image"])
+        if batch_idx == trainer.num_training_batches - 1:
+            self.seconds.append(time.perf_counter() - self.t0)
+
+
+def run_adx(args: argparse.Namespace) -> dict:
+    seed_everything(0)
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MODELS[args.model](backbone=args.backbone, pretrained=False, **overrides)
+    dm = MVTec(
+        root=args.root,
+        category=args.category,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=0,
+    )
+    timer = EpochTimer()
+    trainer = Trainer(
+        max_epochs=args.epochs,
+        limit_train_batches=args.batches,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=dm)
+    steady = sorted(timer.seconds[1:] or timer.seconds)
+    median = steady[len(steady) // 2]
+    return {
+        "model": args.model,
+        "backbone": args.backbone,
+        "overrides": overrides,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "images_per_epoch": timer.images,
+        "epoch_seconds": [round(s, 2) for s in timer.seconds],
+        "train_img_per_s": round(timer.images / median, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_peer(args: argparse.Namespace, out: Path) -> dict:
+    cmd = [
+        args.peer,
+        str(Path(__file__).with_name("peer_train.py")),
+        args.peer_model,
+        args.root,
+        args.category,
+        str(out),
+        "--backbone",
+        args.backbone,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--batches",
+        str(args.batches),
+        "--epochs",
+        str(args.epochs),
+    ]
+    if args.peer_layers:
+        cmd += ["--layers", *args.peer_layers]
+    subprocess.run(cmd, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("root")
+    parser.add_argument("category")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--set", action="append", default=[], help="adx model argument key=value (repeatable)"
+    )
+    parser.add_argument("--peer", help="python of a venv with anomalib")
+    parser.add_argument("--peer-model", help="anomalib model class (Fastflow, Cflow)")
+    parser.add_argument("--peer-layers", nargs="*", help="anomalib layer names matching the adx strides")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    record = {"command": " ".join(sys.argv), "adx": run_adx(args)}
+    if args.peer:
+        peer = run_peer(args, Path(args.out).with_suffix(".peer.json"))
+        record["peer"] = peer
+        record["train_throughput_ratio"] = round(
+            record["adx"]["train_img_per_s"] / peer["train_img_per_s"], 2
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1, default=str))
+    print(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

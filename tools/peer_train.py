@@ -1,0 +1,110 @@
+"""Training throughput of anomalib (the peer) for tools/bench_train.py; run it with the peer venv's python.
+
+    <peer-venv>/bin/python tools/peer_train.py Fastflow ROOT CATEGORY OUT.json --backbone resnet18 \
+        --image-size 256 --batch-size 16 --batches 8 --epochs 3 [--layers layer1 layer2 layer3]
+
+Backbones get random weights (pre_trained=False): throughput does not depend on them, and it avoids
+needing the peer's hub downloads. Timed like adx in tools/bench_train.py: from the start of each
+training epoch to the end of its last training batch (data loading included, validation excluded).
+This file is a tool run inside the peer's environment; adx itself never imports anomalib.
+"""
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from anomalib import models as peer_models
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback
+from torchvision.transforms.v2 import Compose, Grayscale, Normalize, Resize
+
+
+class EpochTimer(Callback):
+    """Seconds from each training epoch's start to the end of its last training batch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.images = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += len(batch.image)
+        if batch_idx == trainer.num_training_batches - 1:
+            self.seconds.append(time.perf_counter() - self.t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=["Fastflow", "Cflow"])
+    parser.add_argument("root")
+    parser.add_argument("category")
+    parser.add_argument("out")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--layers", nargs="*", default=None)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tf = Compose(
+        [
+            Grayscale(num_output_channels=3),
+            Resize((args.image_size, args.image_size), antialias=True),
+            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    kwargs = {"backbone": args.backbone, "pre_trained": False, "pre_processor": PreProcessor(transform=tf)}
+    if args.layers:
+        kwargs["layers"] = args.layers
+    model = getattr(peer_models, args.model)(**kwargs)
+    dm = MVTecAD(
+        root=args.root,
+        category=args.category,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=0,
+    )
+    timer = EpochTimer()
+    engine = Engine(
+        default_root_dir=f"{tempfile.gettempdir()}/peer_train/{args.model}_{args.category}",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        max_epochs=args.epochs,
+        limit_train_batches=args.batches,
+        limit_val_batches=1,
+        callbacks=[timer],
+    )
+    engine.fit(model=model, datamodule=dm)
+    steady = sorted(timer.seconds[1:] or timer.seconds)
+    median = steady[len(steady) // 2]
+    record = {
+        "peer": "anomalib",
+        "model": args.model,
+        "backbone": args.backbone,
+        "layers": args.layers,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "images_per_epoch": timer.images,
+        "epoch_seconds": [round(s, 2) for s in timer.seconds],
+        "train_img_per_s": round(timer.images / median, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
