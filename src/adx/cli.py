@@ -33,6 +33,7 @@ QUIET = (  # Lightning notices that do not apply to adx's frozen backbones and o
     r".*isinstance\(treespec, LeafSpec\)",
     r"The number of training batches .* is smaller than the logging interval",
     r".*litlogger",
+    r"The dirpath has changed from",  # resuming writes a new run folder; adx says so itself
 )
 
 
@@ -134,7 +135,11 @@ class AdxCLI(LightningCLI):
         print(f"adx: run folder {self.run_dir}", file=sys.stderr)
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand == "fit" else None
         if ckpt_path:
-            print(f"adx: resuming training from {ckpt_path}", file=sys.stderr)
+            print(
+                f"adx: resuming training from {ckpt_path} into this new run folder (the old one is left as it "
+                "was; best-checkpoint ranking starts afresh here)",
+                file=sys.stderr,
+            )
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
