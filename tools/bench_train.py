@@ -15,36 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 
 from adx.data import MVTec
 from adx.models import MODELS
-
-
-class EpochTimer(Callback):
-    """Seconds from each training epoch's start to the end of its last training batch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.images = 0
-        self.t0 = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: object) -> None:
-        self.t0, self.images = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        self.images += len(batch["image"])
-        if batch_idx == trainer.num_training_batches - 1:
-            self.seconds.append(time.perf_counter() - self.t0)
+from train_timing import EpochTimer  # tools/ is on sys.path when run as a script
 
 
 def run_adx(args: argparse.Namespace) -> dict:
@@ -73,20 +54,13 @@ def run_adx(args: argparse.Namespace) -> dict:
         callbacks=[timer],
     )
     trainer.fit(model, datamodule=dm)
-    steady = sorted(timer.seconds[1:] or timer.seconds)
-    median = steady[len(steady) // 2]
-    return {
-        "model": args.model,
-        "backbone": args.backbone,
-        "overrides": overrides,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "images_per_epoch": timer.images,
-        "epoch_seconds": [round(s, 2) for s in timer.seconds],
-        "train_img_per_s": round(timer.images / median, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "threads": torch.get_num_threads(),
-    }
+    return timer.record(
+        model=args.model,
+        backbone=args.backbone,
+        overrides=overrides,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+    )
 
 
 def run_peer(args: argparse.Namespace, out: Path) -> dict:

@@ -11,9 +11,7 @@ This file is a tool run inside the peer's environment; adx itself never imports 
 
 import argparse
 import json
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,24 +19,9 @@ from anomalib import models as peer_models
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
-from lightning.pytorch import Callback
 from torchvision.transforms.v2 import Compose, Grayscale, Normalize, Resize
 
-
-class EpochTimer(Callback):
-    """Seconds from each training epoch's start to the end of its last training batch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.images = 0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.t0, self.images = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += len(batch.image)
-        if batch_idx == trainer.num_training_batches - 1:
-            self.seconds.append(time.perf_counter() - self.t0)
+from train_timing import EpochTimer  # tools/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -87,21 +70,14 @@ def main() -> None:
         callbacks=[timer],
     )
     engine.fit(model=model, datamodule=dm)
-    steady = sorted(timer.seconds[1:] or timer.seconds)
-    median = steady[len(steady) // 2]
-    record = {
-        "peer": "anomalib",
-        "model": args.model,
-        "backbone": args.backbone,
-        "layers": args.layers,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "images_per_epoch": timer.images,
-        "epoch_seconds": [round(s, 2) for s in timer.seconds],
-        "train_img_per_s": round(timer.images / median, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "threads": torch.get_num_threads(),
-    }
+    record = timer.record(
+        peer="anomalib",
+        model=args.model,
+        backbone=args.backbone,
+        layers=args.layers,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+    )
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
 

@@ -1,0 +1,48 @@
+"""Training-epoch timing shared by tools/bench_train.py (adx) and tools/peer_train.py (the peer's venv).
+
+Imports only lightning, which both environments have, so both sides are timed by the same code.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+
+class EpochTimer(Callback):
+    """Seconds from each training epoch's start to the end of its last training batch.
+
+    Data loading is included, validation is not.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.images = 0
+        self.t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.images += len(batch["image"] if isinstance(batch, dict) else batch.image)
+        if batch_idx == trainer.num_training_batches - 1:
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    def record(self, **facts: Any) -> dict[str, Any]:
+        """Facts plus per-epoch seconds, images/s (median over epochs after the warm-up one), peak RSS."""
+        steady = sorted(self.seconds[1:] or self.seconds)
+        median = steady[len(steady) // 2]
+        return {
+            **facts,
+            "images_per_epoch": self.images,
+            "epoch_seconds": [round(s, 2) for s in self.seconds],
+            "train_img_per_s": round(self.images / median, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "threads": torch.get_num_threads(),
+        }
