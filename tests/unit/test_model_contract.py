@@ -12,7 +12,14 @@ from adx.callbacks import Calibration, ResultsWriter
 from adx.data import MVTec
 from adx.models import MODELS
 
-SMALL = {"PatchCore": {"coreset_ratio": 0.05, "progress": False}, "Padim": {"n_features": 32}}
+SMALL = {
+    "PatchCore": {"coreset_ratio": 0.05, "progress": False},
+    "Padim": {"n_features": 32},
+    "FastFlow": {"flow_steps": 4},
+    "CFlow": {"coupling_blocks": 4, "fiber_batch_size": 64, "strides": (4, 8, 16)},  # 64 px: maps >= 4x4
+}
+EPOCHS = {"FastFlow": 3, "CFlow": 2}
+"""Trained methods need a few epochs to separate the synthetic defects; one-pass methods take one."""
 
 
 def _datamodule(root: Path, **kw) -> MVTec:
@@ -27,9 +34,9 @@ def _datamodule(root: Path, **kw) -> MVTec:
     )
 
 
-def _trainer(tmp_path: Path) -> Trainer:
+def _trainer(tmp_path: Path, max_epochs: int = 1) -> Trainer:
     return Trainer(
-        max_epochs=1,
+        max_epochs=max_epochs,
         default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
@@ -43,7 +50,7 @@ def _trainer(tmp_path: Path) -> Trainer:
 def fitted(request, synthetic_root: Path, tmp_path: Path):
     name = request.param
     model = MODELS[name](**SMALL.get(name, {}))
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(tmp_path, EPOCHS.get(name, 1))
     dm = _datamodule(synthetic_root, val_source="test_split", val_ratio=0.3)
     trainer.fit(model, datamodule=dm)
     return name, model, trainer, dm

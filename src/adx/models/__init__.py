@@ -1,10 +1,26 @@
 """Every method adx ships; importing this package registers them for the CLI."""
 
-from adx.models.base import AnomalyModule, MemoryBankModule
+from adx.models.base import AnomalyModule, MemoryBankModule, TrainedModule
+from adx.models.cflow import CFlow
+from adx.models.fastflow import FastFlow
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
 
-__all__ = ["MODELS", "AnomalyModule", "MemoryBankModule", "Padim", "PatchCore"]
+__all__ = [
+    "MODELS",
+    "AnomalyModule",
+    "CFlow",
+    "FastFlow",
+    "MemoryBankModule",
+    "Padim",
+    "PatchCore",
+    "TrainedModule",
+]
 
-MODELS: dict[str, type[AnomalyModule]] = {"PatchCore": PatchCore, "Padim": Padim}
+MODELS: dict[str, type[AnomalyModule]] = {
+    "PatchCore": PatchCore,
+    "Padim": Padim,
+    "FastFlow": FastFlow,
+    "CFlow": CFlow,
+}
 """Every method by class name; contract tests are parametrised over it."""
