@@ -214,7 +214,14 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point ``adx``."""
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    argv = expand_ckpt(list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["sweep"]:  # adx sweep: a search over config overrides, one `adx fit` per trial
+        from adx.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print("adx sweep --help: grid/random/TPE search over config overrides (docs/sweeps.md)\n")
+    argv = expand_ckpt(argv)
     sys.argv = [sys.argv[0], *argv]
     AdxCLI()
 
