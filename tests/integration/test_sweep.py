@@ -291,6 +291,17 @@ def test_minimize_a_fit_metric(tmp_path: Path) -> None:
     _assert_sorted(rows, "fit/val/loss", maximize=False)
 
 
+def test_trial_subprocess_error_tail_and_timeout(tmp_path: Path) -> None:
+    import sys
+
+    crash = "import sys; print('loading', file=sys.stderr); raise ValueError('bad coreset')"
+    code, error = sweep.run_command([sys.executable, "-c", crash], tmp_path, None)
+    assert code == 1 and error.splitlines()[-1] == "ValueError: bad coreset" and "loading" in error
+    assert "bad coreset" in (tmp_path / "stderr.log").read_text()
+    code, error = sweep.run_command([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, 0.5)
+    assert code != 0 and "timed out after 0.5 s" in error
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 
 
