@@ -758,6 +758,7 @@ def run_sweep(args: SweepArgs, runner: Runner | None = None) -> Path:
     runner = runner or run_command
     spec = load_spec(args.sweep)
     optuna = _optuna()
+    make_sampler(optuna, spec, 0)  # sampler_args checked before any work
     configs = [*spec.configs, *args.configs]
     if not configs:
         raise SweepError("no base config: pass --config FILE or set config: in the sweep file")
@@ -856,6 +857,7 @@ def _run_trials(
     fit_cmd: list[str],
     runner: Runner,
 ) -> Path:
+    n_trials = max(n_trials, len(records))  # a smaller --n_trials than already run stops here
     study = optuna.create_study(direction=spec.direction)
     _replay(optuna, study, spec, records)
     trials_path = sweep_dir / TRIALS_FILE

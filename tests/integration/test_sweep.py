@@ -144,7 +144,7 @@ def test_param_keys_and_values_are_checked_against_the_base_config(tmp_path: Pat
             "params": {NEIGHBORS: [3, 5]},
         }
         _sweep(tmp_path, spec, fake=fake)
-    assert fake.calls == [] and not (tmp_path / "out_s" / "trials").exists()
+    assert fake.calls == [] and not (tmp_path / "out_s").exists()
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
