@@ -207,6 +207,9 @@ def expand_ckpt(args: list[str]) -> list[str]:
     rest = args[:i] + args[i + (1 if "=" in args[i] else 2) :]
     if "--config" not in rest and not any(a.startswith("--config=") for a in rest) and rest:
         rest = [rest[0], "--config", str(saved_config(ckpt)), *rest[1:]]
+        if _option_value(rest, "--trainer.default_root_dir")[1] is None:
+            # a run folder pinned in the saved config (sweep trials) belongs to that run: write a new one
+            rest.insert(3, "--trainer.default_root_dir=null")
     return [*rest, "--ckpt_path", str(ckpt)]
 
 

@@ -163,3 +163,15 @@ def test_bad_checkpoints_are_refused_before_work(fitted_run: Path, tmp_path: Pat
                 str(ckpt),
             ]
         )
+
+
+def test_pinned_run_folder_is_not_reused_by_test(tmp_path: Path) -> None:
+    pinned = tmp_path / "trial" / "v0"  # as adx sweep pins each trial's folder
+    args = _fit_args(tmp_path / "data", tmp_path / "runs") + ["--trainer.default_root_dir", str(pinned)]
+    main([*args, "--model.coreset_ratio", "0.05", "--heatmaps.enabled", "false"])
+    before = sorted(p.name for p in pinned.iterdir())
+    assert "metrics.json" in before
+    main(["test", "--ckpt", str(pinned / "checkpoints" / "last.ckpt"), "--heatmaps.enabled", "false"])
+    assert sorted(p.name for p in pinned.iterdir()) == before, "the pinned folder is left as it was"
+    (fresh,) = (tmp_path / "runs").glob("patchcore/synthetic/demo/v*")
+    assert (fresh / "metrics.json").is_file()

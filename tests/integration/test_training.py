@@ -1,0 +1,89 @@
+"""Training life cycle through the adx command: best/last checkpoints, resume, seeds, early stopping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import CONFIGS
+
+from adx.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _args(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "fastflow" / "demo.yaml"),
+        "--data.root",
+        str(root),
+        "--data.image_size",
+        "32",
+        "--data.size",
+        "32",
+        "--data.n_train",
+        "8",
+        "--data.n_test_good",
+        "2",
+        "--data.n_test_bad",
+        "2",
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--model.pretrained",
+        "false",
+        "--root_dir",
+        str(runs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--heatmaps.enabled",
+        "false",
+        *extra,
+    ]
+
+
+def _runs(runs: Path) -> list[Path]:
+    return sorted(runs.glob("fastflow/synthetic/*/v*"), key=lambda p: int(p.name[1:]))
+
+
+def test_best_and_last_checkpoints_then_resume(tmp_path: Path) -> None:
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    main(_args(data, runs, "--trainer.max_epochs", "2", "--checkpoint.monitor", "val/loss"))
+    (first,) = _runs(runs)
+    ckpts = sorted(p.name for p in (first / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-epoch") for n in ckpts), ckpts
+    report = json.loads((first / "metrics.json").read_text())
+    assert (
+        report["fit"]["epochs"] == 2 and "val/loss" in report["fit"] and "train/loss_epoch" in report["fit"]
+    )
+    last = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1 and last["optimizer_states"], "last.ckpt holds the optimizer for resuming"
+
+    main(["fit", "--ckpt", str(first / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", "3"])
+    first_again, second = _runs(runs)
+    assert first_again == first, "resuming never writes into the old run folder"
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == last["global_step"] * 3 // 2
+    assert json.loads((second / "metrics.json").read_text())["fit"]["epochs"] == 3
+
+
+def test_seeded_runs_reproduce_and_early_stopping_is_available(tmp_path: Path) -> None:
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    main(_args(data, runs, "--trainer.max_epochs", "1", "--seed_everything", "3"))
+    main(_args(data, runs, "--trainer.max_epochs", "1", "--seed_everything", "3"))
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in _runs(runs))
+    assert a["fit"]["train/loss_epoch"] == b["fit"]["train/loss_epoch"]
+    assert a["metrics"] == b["metrics"]
+    stop = tmp_path / "early.yaml"
+    stop.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+        "      init_args:\n        monitor: val/loss\n        patience: 0\n        min_delta: 1.0e9\n"
+    )
+    main(_args(data, runs, "--config", str(stop), "--trainer.max_epochs", "5"))
+    report = json.loads((_runs(runs)[-1] / "metrics.json").read_text())
+    assert report["fit"]["epochs"] < 5, "early stopping ended training before max_epochs"
