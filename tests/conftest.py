@@ -29,3 +29,20 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mvtec_ad" / "screw").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set ADX_SHARED_DATA)")
     return SHARED_DATA
+
+
+def synthetic_cli(
+    root: Path, size: int = 64, n_train: int = 12, n_good: int = 4, n_bad: int = 6, batch_size: int = 4
+) -> list[str]:
+    """``--data.*`` arguments of a small synthetic dataset at ``root`` for ``adx`` command tests."""
+    values = {
+        "root": root,
+        "image_size": size,
+        "size": size,
+        "n_train": n_train,
+        "n_test_good": n_good,
+        "n_test_bad": n_bad,
+        "batch_size": batch_size,
+        "num_workers": 0,
+    }
+    return [arg for key, value in values.items() for arg in (f"--data.{key}", str(value))]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, synthetic_cli
 
 from adx.cli import main
 
@@ -20,22 +20,7 @@ def _fit_args(root: Path, runs: Path, model: str = "patchcore") -> list[str]:
         "fit",
         "--config",
         str(CONFIGS / model / "demo.yaml"),
-        "--data.root",
-        str(root),
-        "--data.image_size",
-        "64",
-        "--data.num_workers",
-        "0",
-        "--data.batch_size",
-        "4",
-        "--data.n_train",
-        "12",
-        "--data.n_test_good",
-        "4",
-        "--data.n_test_bad",
-        "6",
-        "--data.size",
-        "64",
+        *synthetic_cli(root),
         "--root_dir",
         str(runs),
         "--trainer.enable_progress_bar",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, synthetic_cli
 
 from adx import sweep
 from adx.cli import main as adx_main
@@ -309,22 +309,7 @@ def _real_args(root: Path) -> list[str]:
     return [
         "--config",
         DEMO,
-        "--data.root",
-        str(root),
-        "--data.image_size",
-        "32",
-        "--data.size",
-        "32",
-        "--data.n_train",
-        "12",
-        "--data.n_test_good",
-        "4",
-        "--data.n_test_bad",
-        "6",
-        "--data.num_workers",
-        "0",
-        "--data.batch_size",
-        "4",
+        *synthetic_cli(root, size=32),
     ]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, synthetic_cli
 
 from adx.cli import main
 
@@ -19,22 +19,7 @@ def _args(root: Path, runs: Path, *extra: str) -> list[str]:
         "fit",
         "--config",
         str(CONFIGS / "fastflow" / "demo.yaml"),
-        "--data.root",
-        str(root),
-        "--data.image_size",
-        "32",
-        "--data.size",
-        "32",
-        "--data.n_train",
-        "8",
-        "--data.n_test_good",
-        "2",
-        "--data.n_test_bad",
-        "2",
-        "--data.batch_size",
-        "4",
-        "--data.num_workers",
-        "0",
+        *synthetic_cli(root, size=32, n_train=8, n_good=2, n_bad=2),
         "--model.pretrained",
         "false",
         "--root_dir",
