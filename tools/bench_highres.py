@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--runs", default="/tmp/adx_highres_runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    command = " ".join(sys.argv)  # adx's CLI rewrites sys.argv
     t0 = time.perf_counter()
     adx_main(
         [
@@ -64,7 +65,7 @@ def main() -> None:
         sorted(Path(args.runs).rglob("metrics.json"), key=lambda p: p.stat().st_mtime)[-1].read_text()
     )
     record = {
-        "command": " ".join(sys.argv),
+        "command": command,
         "size": args.size,
         "n_train": args.n_train,
         "coreset_ratio": args.ratio,
