@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from adx.callbacks.collect import Collector
+from adx.callbacks.collect import Collector, OutputsCallback
 from adx.metrics import f1_max, quantile_threshold
 from adx.models.base import AnomalyModule
 
 
-class Calibration(Callback):
+class Calibration(OutputsCallback):
     """Fits image and pixel thresholds (F1-optimal, normal-score quantile, or manual) on validation outputs.
 
     ``auto`` picks ``f1`` when the validation set holds anomalous images and ``quantile`` otherwise.
@@ -41,16 +41,9 @@ class Calibration(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.collector.reset()
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.collector.add(outputs)
+    def on_outputs(self, trainer: Trainer, pl_module: LightningModule, stage: str, outputs: Any) -> None:
+        if stage == "validate":
+            self.collector.add(outputs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not isinstance(pl_module, AnomalyModule) or not len(self.collector):

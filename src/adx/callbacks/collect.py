@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 
@@ -40,3 +41,25 @@ class Collector:
         return {
             k: (torch.cat(v) if v and isinstance(v[0], Tensor) else v) for k, v in self.store.items() if v
         }
+
+
+class OutputsCallback(Callback):
+    """Routes the validation/test/predict batch-end hooks to one method, :meth:`on_outputs`.
+
+    Subclasses implement ``on_outputs(trainer, pl_module, stage, outputs)`` with ``stage`` one of
+    ``"validate"``, ``"test"``, ``"predict"`` and ignore the stages they do not serve.
+    """
+
+    def on_outputs(self, trainer: Trainer, pl_module: LightningModule, stage: str, outputs: Any) -> None:
+        """Handle one batch's step outputs (a dict) of ``stage``."""
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:  # noqa: ANN001
+        self.on_outputs(trainer, pl_module, "validate", outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self.on_outputs(trainer, pl_module, "test", outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self.on_outputs(trainer, pl_module, "predict", outputs)

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
+from adx.callbacks.collect import OutputsCallback
 from adx.callbacks.results import exclusive_path, run_dir
 from adx.visualize import panel, save_image, to_uint8_image
 
 
-class HeatmapWriter(Callback):
+class HeatmapWriter(OutputsCallback):
     """Writes one panel per image under ``<run>/heatmaps/<defect_type>/`` (never overwriting).
 
     Maps are shown normalised by the model's calibration (0.5 = threshold); without calibration, by the
@@ -74,15 +75,6 @@ class HeatmapWriter(Callback):
             self.written += 1
 
     @torch.no_grad()
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._write(trainer, outputs)
-
-    on_predict_batch_end = on_test_batch_end
+    def on_outputs(self, trainer: Trainer, pl_module: LightningModule, stage: str, outputs: Any) -> None:
+        if stage in ("test", "predict"):
+            self._write(trainer, outputs)

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from adx.callbacks.calibration import calibration_state
-from adx.callbacks.collect import Collector
+from adx.callbacks.collect import Collector, OutputsCallback
 from adx.metrics import compute_metrics, format_table
 
 ROW_KEYS = ("path", "defect_type", "label", "image_score", "pred_score", "pred_label")
@@ -49,7 +49,7 @@ def _columns(data: dict[str, Any]) -> dict[str, list[Any]]:
     }
 
 
-class ResultsWriter(Callback):
+class ResultsWriter(OutputsCallback):
     """Computes image/pixel AUROC, AUPRO and F1-max on the test set; writes metrics.json and CSVs.
 
     Pixel metrics use maps at the model's input size, area-downsampled when the long side exceeds
@@ -89,16 +89,11 @@ class ResultsWriter(Callback):
         self.collector.reset()
         self._t0 = time.perf_counter()
 
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._add(outputs)
+    def on_outputs(self, trainer: Trainer, pl_module: LightningModule, stage: str, outputs: Any) -> None:
+        if stage == "test":
+            self._add(outputs)
+        elif stage == "predict":
+            self.collector.add({k: v for k, v in outputs.items() if k in ROW_KEYS})
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.perf_counter() - self._t0
@@ -140,17 +135,6 @@ class ResultsWriter(Callback):
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.collector.reset()
-
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.collector.add({k: v for k, v in outputs.items() if k in ROW_KEYS})
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data = self.collector.cat()
