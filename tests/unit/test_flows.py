@@ -313,3 +313,46 @@ def test_every_flow_method_has_its_three_configs() -> None:
     assert [f"{p.parent.name}/{p.stem}" for p in FLOW_CONFIGS] == [
         f"{m}/{n}" for m in ("cflow", "fastflow") for n in ("bottle", "demo", "offline")
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fastflow", "cflow"])
+def test_demo_fit_then_test_from_checkpoint(method: str, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    common = [
+        "--root_dir",
+        str(runs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--heatmaps.enabled",
+        "false",
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / method / "demo.yaml"),
+            "--data.root",
+            str(tmp_path / "data"),
+            "--data.n_train",
+            "16",
+            "--data.n_test_good",
+            "4",
+            "--data.n_test_bad",
+            "6",
+            "--data.size",
+            "64",
+            "--data.num_workers",
+            "0",
+            "--trainer.max_epochs",
+            "2",
+            *common,
+        ]
+    )
+    (run,) = runs.glob(f"{method}/synthetic/*/v0")
+    fitted = yaml.safe_load((run / "metrics.json").read_text())
+    assert fitted["metrics"]["image_AUROC"] > 0.6
+    main(["test", "--ckpt", str(run / "checkpoints" / "last.ckpt"), *common])
+    (again,) = runs.glob(f"{method}/synthetic/*/v1")
+    tested = yaml.safe_load((again / "metrics.json").read_text())
+    assert tested["metrics"] == pytest.approx(fitted["metrics"])  # same model, same scores
