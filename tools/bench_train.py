@@ -84,6 +84,8 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
     ]
     if args.peer_layers:
         cmd += ["--layers", *args.peer_layers]
+    for kv in args.peer_set:
+        cmd += ["--kw", kv]
     subprocess.run(cmd, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     return json.loads(out.read_text())
 
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--peer", help="python of a venv with anomalib")
     parser.add_argument("--peer-model", help="anomalib model class (Fastflow, Cflow)")
     parser.add_argument("--peer-layers", nargs="*", help="anomalib layer names matching the adx strides")
+    parser.add_argument("--peer-set", action="append", default=[], help="peer model argument key=value")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     record = {"command": " ".join(sys.argv), "adx": run_adx(args)}

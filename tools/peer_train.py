@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from anomalib import models as peer_models
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--kw", action="append", default=[], help="extra model argument key=value (YAML value)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     tf = Compose(
@@ -50,6 +54,7 @@ def main() -> None:
     kwargs = {"backbone": args.backbone, "pre_trained": False, "pre_processor": PreProcessor(transform=tf)}
     if args.layers:
         kwargs["layers"] = args.layers
+    kwargs.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.kw)})
     model = getattr(peer_models, args.model)(**kwargs)
     dm = MVTecAD(
         root=args.root,
@@ -75,6 +80,7 @@ def main() -> None:
         model=args.model,
         backbone=args.backbone,
         layers=args.layers,
+        extra=args.kw,
         image_size=args.image_size,
         batch_size=args.batch_size,
     )
