@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, synthetic_cli
 
 from adx.cli import main
 from adx.data import MVTec
@@ -332,18 +332,7 @@ def test_demo_fit_then_test_from_checkpoint(method: str, tmp_path: Path) -> None
             "fit",
             "--config",
             str(CONFIGS / method / "demo.yaml"),
-            "--data.root",
-            str(tmp_path / "data"),
-            "--data.n_train",
-            "16",
-            "--data.n_test_good",
-            "4",
-            "--data.n_test_bad",
-            "6",
-            "--data.size",
-            "64",
-            "--data.num_workers",
-            "0",
+            *synthetic_cli(tmp_path / "data", n_train=16, batch_size=8),
             "--trainer.max_epochs",
             "2",
             *common,
