@@ -155,3 +155,20 @@ def test_cuda_matches_cuda_reference() -> None:
     fast = greedy_coreset(features, 300, projection_dim=16, progress=False)
     assert fast.is_cuda
     assert torch.equal(fast, greedy_coreset_reference(features, 300, projection_dim=16))
+
+
+def test_thread_switching_keeps_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    features = _blobs(6000, 24, 10, seed=11)
+    reference = greedy_coreset_reference(features, 400, projection_dim=16)
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: max(threads, 2))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
+    monkeypatch.setattr(coreset, "_PROBE_SECONDS", 0.0)  # probe and switch at every check
+    monkeypatch.setattr(coreset, "_RUN_SECONDS", 0.0)
+    fast = greedy_coreset(features, 400, projection_dim=16, progress=False)
+    assert torch.equal(fast, reference)
+    assert 1 in seen and len(seen) > 10, "the governor switched thread counts many times"
+    assert seen[-1] == max(threads, 2), "the thread count is restored afterwards"
+    real_set(threads)
