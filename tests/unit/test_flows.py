@@ -131,6 +131,25 @@ def test_warmup_cosine_schedule() -> None:
         WarmupCosineLR(opt, max_epochs=2, warmup_epochs=2)
 
 
+def test_schedule_without_horizon_follows_the_trainer() -> None:
+    from adx.models.base import TrainedModule
+    from adx.models.components.optim import spec
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_epochs=1)  # horizon unknown until the trainer is
+    assert sched.max_epochs is None and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        sched.set_horizon(1)
+
+    module = TrainedModule(
+        spec("torch.optim.SGD", lr=1.0), spec("adx.models.components.flows.WarmupCosineLR")
+    )
+    module.model = torch.nn.Linear(2, 2)
+    module.trainer = type("T", (), {"max_epochs": 7})()  # stands in for an attached Trainer
+    out = module.configure_optimizers()
+    assert out["lr_scheduler"]["scheduler"].max_epochs == 7
+
+
 # ---- models -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("cls", "kwargs", "name"),
@@ -304,6 +323,8 @@ def test_configs_parse(path: Path, capsys) -> None:
     if model["init_args"]["scheduler"] is not None:  # the schedule must build with the configured args
         opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = build(model["init_args"]["scheduler"], opt)
+        if getattr(sched, "max_epochs", 0) is None:  # follows the trainer (set by TrainedModule)
+            sched.set_horizon(cfg["trainer"]["max_epochs"])
         assert sched.max_epochs == cfg["trainer"]["max_epochs"], "schedule length != trainer.max_epochs"
     if path.name == "demo.yaml":
         assert cfg["data"]["class_path"] == "adx.data.Synthetic"

@@ -184,9 +184,13 @@ class TrainedModule(AnomalyModule):
         self.scheduler_interval = scheduler_interval
 
     def configure_optimizers(self) -> Any:
-        return build_optimizers(
+        out = build_optimizers(
             self.model.parameters(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
         )
+        scheduler = out["lr_scheduler"]["scheduler"] if isinstance(out, dict) else None
+        if getattr(scheduler, "max_epochs", 0) is None and hasattr(scheduler, "set_horizon"):
+            scheduler.set_horizon(self.trainer.max_epochs)  # a schedule without a horizon follows the trainer
+        return out
 
     def _checked(self, loss: Tensor, stage: str) -> Tensor:
         if not torch.isfinite(loss):

@@ -141,27 +141,47 @@ class WarmupCosineLR(LambdaLR):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        max_epochs: int,
+        max_epochs: int | None = None,
         warmup_epochs: int = 0,
         min_ratio: float = 1e-3,
         warmup_start_ratio: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}: set it to trainer.max_epochs")
-        if not 0 <= warmup_epochs < max_epochs:
-            raise ValueError(f"warmup_epochs must be in [0, max_epochs={max_epochs}), got {warmup_epochs}")
-        self.max_epochs, self.warmup_epochs = max_epochs, warmup_epochs
+        """``max_epochs`` None: the trainer's ``max_epochs``, set through :meth:`set_horizon` by adx."""
+        self.max_epochs, self.warmup_epochs = None, warmup_epochs
         self.min_ratio, self.warmup_start_ratio = min_ratio, warmup_start_ratio
+        if max_epochs is not None:
+            self.set_horizon(max_epochs)
+        elif warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         super().__init__(optimizer, self.factor, last_epoch)
+
+    def set_horizon(self, max_epochs: int) -> None:
+        """Set the epoch count the cosine ends at (called with trainer.max_epochs when none was given)."""
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(
+                f"max_epochs must be >= 1, got {max_epochs}: set --trainer.max_epochs or "
+                "--model.scheduler.max_epochs"
+            )
+        if not 0 <= self.warmup_epochs < max_epochs:
+            raise ValueError(
+                f"warmup_epochs must be in [0, max_epochs={max_epochs}), got {self.warmup_epochs}"
+            )
+        self.max_epochs = max_epochs
 
     def cosine(self, epoch: float) -> float:
         """Cosine factor at ``epoch``: 1 at 0, ``min_ratio`` at ``max_epochs``."""
+        if self.max_epochs is None:
+            if epoch > 0:
+                raise RuntimeError("WarmupCosineLR has no max_epochs: set --model.scheduler.max_epochs")
+            return 1.0
         t = min(epoch, self.max_epochs) / self.max_epochs
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def factor(self, epoch: int) -> float:
         """Multiplier of the base learning rate in ``epoch`` (0-based)."""
+        if epoch == 0:
+            return self.warmup_start_ratio if self.warmup_epochs > 0 else 1.0
         if epoch < self.warmup_epochs:
             end = self.cosine(self.warmup_epochs)
             return self.warmup_start_ratio + (end - self.warmup_start_ratio) * epoch / self.warmup_epochs
