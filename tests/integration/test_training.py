@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,20 @@ def test_seeded_runs_reproduce_and_early_stopping_is_available(tmp_path: Path) -
     main(_args(data, runs, "--config", str(stop), "--trainer.max_epochs", "5"))
     report = json.loads((_runs(runs)[-1] / "metrics.json").read_text())
     assert report["fit"]["epochs"] < 5, "early stopping ended training before max_epochs"
+
+
+def test_mixed_precision_trains(tmp_path: Path) -> None:
+    # bf16 autocast runs on CPU, so the mixed-precision path (as 16-mixed takes on a GPU) is exercised here
+    main(
+        _args(
+            tmp_path / "data",
+            tmp_path / "runs",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.precision",
+            "bf16-mixed",
+        )
+    )
+    report = json.loads((_runs(tmp_path / "runs")[-1] / "metrics.json").read_text())
+    assert math.isfinite(report["fit"]["train/loss_epoch"]) and math.isfinite(report["fit"]["val/loss"])
+    assert 0.0 <= report["metrics"]["image_AUROC"] <= 1.0
