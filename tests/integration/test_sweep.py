@@ -385,3 +385,11 @@ def test_real_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, ca
     rows = _csv(out)
     assert [r["status"] for r in rows] == ["ok", "failed"] and "got 2.0" in rows[1]["error"]
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load_and_their_params_parse(path: Path) -> None:
+    spec = sweep.load_spec(path)
+    assert spec.configs, f"{path.name} names its base config"
+    base_args = [a for c in spec.configs for a in ("--config", c)] + spec.override_args()
+    sweep.check_base(base_args, spec)  # raises SweepError naming a bad key or value
