@@ -173,12 +173,11 @@ def _option_value(args: list[str], name: str) -> tuple[int, str | None]:
     return -1, None
 
 
-def saved_config(ckpt: Path) -> Path:
-    """The config.yaml of the run that wrote ``ckpt`` (next to it or above), else the copy inside it."""
+def saved_config(ckpt: Path, state: dict[str, Any]) -> Path:
+    """The config.yaml of the run that wrote ``ckpt`` (next to it or above), else the copy in ``state``."""
     for folder in (ckpt.parent, ckpt.parent.parent):
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if CONFIG_KEY not in state:
         raise SystemExit(
             f"adx: {ckpt} has no embedded config and no config.yaml beside it; pass --config too."
@@ -200,13 +199,14 @@ def expand_ckpt(args: list[str]) -> list[str]:
         state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # not a torch file, truncated, ...
         raise SystemExit(f"adx: cannot read checkpoint {ckpt} ({type(exc).__name__}: {exc}).") from exc
+    state = state if isinstance(state, dict) else {}
     try:
-        check_checkpoint(state if isinstance(state, dict) else {}, source=f"checkpoint {ckpt}")
+        check_checkpoint(state, source=f"checkpoint {ckpt}")
     except CheckpointError as exc:
         raise SystemExit(f"adx: {exc}") from None
     rest = args[:i] + args[i + (1 if "=" in args[i] else 2) :]
     if "--config" not in rest and not any(a.startswith("--config=") for a in rest) and rest:
-        rest = [rest[0], "--config", str(saved_config(ckpt)), *rest[1:]]
+        rest = [rest[0], "--config", str(saved_config(ckpt, state)), *rest[1:]]
         if _option_value(rest, "--trainer.default_root_dir")[1] is None:
             # a run folder pinned in the saved config (sweep trials) belongs to that run: write a new one
             rest.insert(3, "--trainer.default_root_dir=null")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,16 @@ def test_pinned_run_folder_is_not_reused_by_test(tmp_path: Path) -> None:
     assert sorted(p.name for p in pinned.iterdir()) == before, "the pinned folder is left as it was"
     (fresh,) = (tmp_path / "runs").glob("patchcore/synthetic/demo/v*")
     assert (fresh / "metrics.json").is_file()
+
+
+def test_checkpoint_alone_uses_its_embedded_config(fitted_run: Path, tmp_path: Path) -> None:
+    lone = tmp_path / "moved" / "deep" / "model.ckpt"  # no config.yaml beside or above it
+    lone.parent.mkdir(parents=True)
+    shutil.copy(fitted_run / "checkpoints" / "last.ckpt", lone)
+    before = set(fitted_run.parent.glob("v*"))
+    main(["test", "--ckpt", str(lone), "--heatmaps.enabled", "false"])
+    (new,) = set(fitted_run.parent.glob("v*")) - before
+    first = json.loads((fitted_run / "metrics.json").read_text())["metrics"]
+    assert json.loads((new / "metrics.json").read_text())["metrics"]["image_AUROC"] == pytest.approx(
+        first["image_AUROC"]
+    )
