@@ -420,19 +420,23 @@ def greedy_coreset(
     bar = _Progress(n, desc, progress)
     governor = _ThreadGovernor(enabled=device.type == "cpu")
     step = 0
+
+    def accept(i: int) -> bool:
+        """Record point ``i`` as the next centre; True when ``n`` are selected."""
+        nonlocal step
+        selected[step] = i
+        centres[step] = points[i]
+        step += 1
+        bar.step(step)
+        governor.tick(step)
+        return step == n
+
     try:
         # Dense phase: while most points could still move, full passes (as in the reference) are cheapest.
         scratch = _scratch(points)
         dist = torch.empty(n_points, device=device)
         may_switch = device.type == "cpu"
-        while True:
-            selected[step] = index
-            centres[step] = points[index]
-            step += 1
-            bar.step(step)
-            governor.tick(step)
-            if step == n:
-                return selected.to(features.device)
+        while not accept(index):
             _sq_dists(points, centres[step - 1], None, dist, scratch)
             assign.masked_fill_(dist < min_dist, step - 1)
             torch.minimum(min_dist, dist, out=min_dist)
@@ -443,19 +447,15 @@ def greedy_coreset(
                 and _candidate_fraction(centres, step, index, points, min_dist, assign) < _DENSE_FRACTION
             ):
                 break
+        else:
+            return selected.to(features.device)
         del dist, scratch
         # Sparse phase: per-cluster sorted lists, visiting only points that can get closer to the new centre.
         clusters = _Clusters(points, min_dist, assign, centres, step)
-        while True:
-            selected[step] = index
-            centres[step] = points[index]
-            step += 1
-            bar.step(step)
-            governor.tick(step)
-            if step == n:
-                return selected.to(features.device)
+        while not accept(index):
             clusters.add(index, step - 1)
             index = clusters.next_index(step)
+        return selected.to(features.device)
     finally:
         governor.close()
         bar.close(step)
