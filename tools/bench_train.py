@@ -25,7 +25,11 @@ from lightning.pytorch import Trainer, seed_everything
 
 from adx.data import MVTec
 from adx.models import MODELS
-from train_timing import EpochTimer  # tools/ is on sys.path when run as a script
+from train_timing import (  # tools/ is on sys.path when run as a script
+    EpochTimer,
+    add_run_options,
+    run_options_argv,
+)
 
 
 def run_adx(args: argparse.Namespace) -> dict:
@@ -71,16 +75,7 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
         args.root,
         args.category,
         str(out),
-        "--backbone",
-        args.backbone,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--batches",
-        str(args.batches),
-        "--epochs",
-        str(args.epochs),
+        *run_options_argv(args),
     ]
     if args.peer_layers:
         cmd += ["--layers", *args.peer_layers]
@@ -97,11 +92,7 @@ def main() -> None:
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("root")
     parser.add_argument("category")
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3)
+    add_run_options(parser)
     parser.add_argument(
         "--set", action="append", default=[], help="adx model argument key=value (repeatable)"
     )

@@ -22,7 +22,7 @@ from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Grayscale, Normalize, Resize
 
-from train_timing import EpochTimer  # tools/ is on sys.path when run as a script
+from train_timing import EpochTimer, add_run_options  # tools/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -33,12 +33,8 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("category")
     parser.add_argument("out")
-    parser.add_argument("--backbone", default="resnet18")
+    add_run_options(parser)
     parser.add_argument("--layers", nargs="*", default=None)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
         "--kw", action="append", default=[], help="extra model argument key=value (YAML value)"
     )

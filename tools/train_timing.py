@@ -5,12 +5,33 @@ Imports only lightning, which both environments have, so both sides are timed by
 
 from __future__ import annotations
 
+import argparse
 import resource
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+
+# The run settings both sides take, with their defaults; bench_train.py forwards them to peer_train.py.
+RUN_OPTIONS: dict[str, tuple[type, Any]] = {
+    "backbone": (str, "resnet18"),
+    "image-size": (int, 256),
+    "batch-size": (int, 16),
+    "batches": (int, 8),
+    "epochs": (int, 3),
+}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--backbone --image-size --batch-size --batches --epochs`` to ``parser``."""
+    for name, (kind, default) in RUN_OPTIONS.items():
+        parser.add_argument(f"--{name}", type=kind, default=default)
+
+
+def run_options_argv(args: argparse.Namespace) -> list[str]:
+    """The parsed run settings as command-line arguments (to pass them on)."""
+    return [a for name in RUN_OPTIONS for a in (f"--{name}", str(getattr(args, name.replace("-", "_"))))]
 
 
 class EpochTimer(Callback):
