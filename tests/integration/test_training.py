@@ -58,6 +58,23 @@ def test_best_and_last_checkpoints_then_resume(tmp_path: Path) -> None:
     assert json.loads((second / "metrics.json").read_text())["fit"]["epochs"] == 3
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_resumed_schedule_follows_the_new_max_epochs(tmp_path: Path, fixed: bool) -> None:
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    sched = ["--model.scheduler", "adx.models.components.flows.WarmupCosineLR"]
+    sched += ["--model.scheduler.max_epochs", "2"] if fixed else []
+    main(_args(data, runs, "--trainer.max_epochs", "2", *sched))
+    (first,) = _runs(runs)
+    main(["fit", "--ckpt", str(first / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", "4"])
+    state = torch.load(_runs(runs)[-1] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    horizon = state["lr_schedulers"][0]["max_epochs"]
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    base = state["lr_schedulers"][0]["base_lrs"][0]
+    # 4 epochs stepped: the end of a 4-epoch cosine, or past the end of a fixed 2-epoch one (min_ratio)
+    assert horizon == (2 if fixed else 4)
+    assert lr == pytest.approx(base * 1e-3)
+
+
 def test_seeded_runs_reproduce_and_early_stopping_is_available(tmp_path: Path) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"
     main(_args(data, runs, "--trainer.max_epochs", "1", "--seed_everything", "3"))

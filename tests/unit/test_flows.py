@@ -150,6 +150,27 @@ def test_schedule_without_horizon_follows_the_trainer() -> None:
     assert out["lr_scheduler"]["scheduler"].max_epochs == 7
 
 
+def test_new_horizon_applies_from_the_current_epoch() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_epochs=0)
+    sched.set_horizon(2)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the end of a 2-epoch schedule
+    resumed = WarmupCosineLR(opt, warmup_epochs=0)
+    resumed.load_state_dict(sched.state_dict())  # as Lightning restores it: the old horizon comes back
+    assert resumed.max_epochs == 2 and resumed.follows_trainer
+    resumed.set_horizon(4)  # what TrainedModule.on_train_start does with the new trainer.max_epochs
+    half = 1e-3 + (1 - 1e-3) * 0.5  # cosine at epoch 2 of 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(half) and resumed.get_last_lr() == pytest.approx([half])
+    opt.step()
+    resumed.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    )
+
+
 # ---- models -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("cls", "kwargs", "name"),

@@ -192,6 +192,12 @@ class TrainedModule(AnomalyModule):
             scheduler.set_horizon(self.trainer.max_epochs)  # a schedule without a horizon follows the trainer
         return out
 
+    def on_train_start(self) -> None:
+        # A resumed run restores the scheduler's saved horizon; one that follows the trainer takes the new one.
+        for config in self.trainer.lr_scheduler_configs:
+            if getattr(config.scheduler, "follows_trainer", False):
+                config.scheduler.set_horizon(self.trainer.max_epochs)
+
     def _checked(self, loss: Tensor, stage: str) -> Tensor:
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -147,8 +147,11 @@ class WarmupCosineLR(LambdaLR):
         warmup_start_ratio: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
-        """``max_epochs`` None: the trainer's ``max_epochs``, set through :meth:`set_horizon` by adx."""
+        """``max_epochs`` None: the trainer's ``max_epochs``, set through :meth:`set_horizon` by adx, also
+        when a run is resumed with another ``--trainer.max_epochs`` (the schedule is then recomputed for
+        the new length from the resumed epoch on)."""
         self.max_epochs, self.warmup_epochs = None, warmup_epochs
+        self.follows_trainer = max_epochs is None
         self.min_ratio, self.warmup_start_ratio = min_ratio, warmup_start_ratio
         if max_epochs is not None:
             self.set_horizon(max_epochs)
@@ -168,6 +171,10 @@ class WarmupCosineLR(LambdaLR):
                 f"warmup_epochs must be in [0, max_epochs={max_epochs}), got {self.warmup_epochs}"
             )
         self.max_epochs = max_epochs
+        if hasattr(self, "base_lrs"):  # already stepping (a resumed run): this epoch's lr on the new horizon
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * self.factor(self.last_epoch)
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def cosine(self, epoch: float) -> float:
         """Cosine factor at ``epoch``: 1 at 0, ``min_ratio`` at ``max_epochs``."""
