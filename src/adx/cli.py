@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import adx.models  # noqa: F401  (importing registers every model for subclass resolution)
-from adx.callbacks import Calibration, HeatmapWriter, ResultsWriter
+from adx.callbacks import Calibration, Checkpoint, HeatmapWriter, ResultsWriter
 from adx.data import AnomalyDataModule
 from adx.models.base import AnomalyModule, CheckpointError, check_checkpoint
 
@@ -94,7 +93,7 @@ class AdxCLI(LightningCLI):
             default=True,
             help="After fit, evaluate on the test split (when the data has one).",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

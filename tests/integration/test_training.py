@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from tests.conftest import CONFIGS, synthetic_cli
 
 from adx.cli import main
@@ -56,6 +57,38 @@ def test_best_and_last_checkpoints_then_resume(tmp_path: Path) -> None:
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == last["global_step"] * 3 // 2
     assert json.loads((second / "metrics.json").read_text())["fit"]["epochs"] == 3
+
+
+class CrashAtEpoch(Callback):
+    """Stands in for a kill or power cut at the start of epoch ``epoch`` (once per test process)."""
+
+    crashed = False
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.current_epoch == self.epoch and not CrashAtEpoch.crashed:
+            CrashAtEpoch.crashed = True
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crashed_run_can_resume_from_its_last_completed_epoch(tmp_path: Path) -> None:
+    # no --checkpoint.monitor: nothing is ranked, yet last.ckpt must follow every epoch
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    crash = tmp_path / "crash.yaml"
+    crash.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.integration.test_training.CrashAtEpoch\n"
+        "      init_args:\n        epoch: 2\n"
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_args(data, runs, "--config", str(crash), "--trainer.max_epochs", "4"))
+    (run,) = _runs(runs)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1, "last.ckpt holds the last completed epoch (0-based)"
+    main(["fit", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", "4"])
+    assert json.loads((_runs(runs)[-1] / "metrics.json").read_text())["fit"]["epochs"] == 4
 
 
 @pytest.mark.parametrize("fixed", [False, True])
