@@ -222,6 +222,44 @@ def test_fastflow_shapes_loss_and_training() -> None:
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
 
 
+def test_fastflow_zscore_map_against_training_maps() -> None:
+    model = _fastflow(zscore_map=True)
+    train = _images(6)
+    model.trained_steps += 1
+    with torch.no_grad():
+        model.begin_map_reference()
+        model.loss(train[:4])
+        model.loss(train[4:])
+        model.eval()
+        model.loss(_images(3, seed=1))  # eval mode (val/loss) adds nothing to the reference
+        model.end_map_reference()
+        raw = model.paper_map(model.encode(train)[0], (64, 64))
+        assert model.map_mean.shape == model.map_std.shape == (64, 64)
+        torch.testing.assert_close(model.map_mean, raw.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model.map_std, raw.std(0, unbiased=False), atol=1e-5, rtol=1e-4)
+        scores, maps = model(train)
+        # the training maps, standardised: mean 0 and std 1 at every pixel
+        assert maps.mean(0).abs().max() < 1e-3 and (maps.std(0, unbiased=False) - 1).abs().max() < 1e-2
+        torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+        loaded = _fastflow(zscore_map=True).eval()  # the reference travels in the state dict
+        loaded.load_state_dict(model.state_dict())
+        torch.testing.assert_close(loaded(train)[1], maps)
+        assert loaded(_images(2, 72, 40))[1].shape == (2, 72, 40)  # resized reference
+        older = {k: v for k, v in model.state_dict().items() if not k.startswith("map_")}
+        _fastflow().load_state_dict(older)  # checkpoints from before zscore_map still load (strict)
+        with pytest.raises(RuntimeError, match="trained_steps"):  # other missing buffers still count
+            _fastflow().load_state_dict({k: v for k, v in older.items() if k != "trained_steps"})
+    with pytest.raises(RuntimeError, match="zscore_map"):
+        fresh = _fastflow(zscore_map=True)
+        fresh.trained_steps += 1
+        fresh(train)
+    with pytest.raises(ValueError, match="one training image size"), torch.no_grad():
+        model.train()
+        model.begin_map_reference()
+        model.loss(_images(2, 64, 64))
+        model.loss(_images(2, 64, 96))
+
+
 def test_cflow_shapes_loss_and_fibre_batches() -> None:
     model = _cflow()
     images = _images(2, 64, 96)
@@ -358,8 +396,10 @@ def test_every_flow_method_has_its_three_configs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fastflow", "cflow"])
-def test_demo_fit_then_test_from_checkpoint(method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "extra"), [("fastflow", []), ("fastflow", ["--model.zscore_map", "true"]), ("cflow", [])]
+)
+def test_demo_fit_then_test_from_checkpoint(method: str, extra: list[str], tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     common = [
         "--root_dir",
@@ -377,6 +417,7 @@ def test_demo_fit_then_test_from_checkpoint(method: str, tmp_path: Path) -> None
             *synthetic_cli(tmp_path / "data", n_train=16, batch_size=8),
             "--trainer.max_epochs",
             "2",
+            *extra,
             *common,
         ]
     )

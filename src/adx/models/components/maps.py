@@ -33,11 +33,18 @@ def align_and_concat(features: list[Tensor]) -> Tensor:
 
 
 class DynamicBuffers(nn.Module):
-    """Mixin: buffers named in ``dynamic_buffers`` take the shape stored in a loaded state dict."""
+    """Mixin: buffers named in ``dynamic_buffers`` take the shape stored in a loaded state dict.
+
+    Those also named in ``optional_buffers`` may be absent from it (checkpoints written before the
+    buffer existed) and then keep their current value.
+    """
 
     dynamic_buffers: tuple[str, ...] = ()
+    optional_buffers: tuple[str, ...] = ()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        for name in self.optional_buffers:
+            state_dict.setdefault(prefix + name, getattr(self, name))
         for name in self.dynamic_buffers:
             if prefix + name in state_dict:
                 stored = state_dict[prefix + name]

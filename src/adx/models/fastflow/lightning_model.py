@@ -29,5 +29,11 @@ class FastFlow(TrainedModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = FastFlowModel(**kwargs)
 
+    def on_train_epoch_start(self) -> None:
+        self.model.begin_map_reference()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.model.trained_steps += 1
+        # the epoch's maps become the reference before validation and checkpointing see the model
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self.model.end_map_reference()
