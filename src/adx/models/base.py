@@ -187,16 +187,19 @@ class TrainedModule(AnomalyModule):
         out = build_optimizers(
             self.model.parameters(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
         )
-        scheduler = out["lr_scheduler"]["scheduler"] if isinstance(out, dict) else None
-        if getattr(scheduler, "max_epochs", 0) is None and hasattr(scheduler, "set_horizon"):
-            scheduler.set_horizon(self.trainer.max_epochs)  # a schedule without a horizon follows the trainer
+        if isinstance(out, dict):
+            self._follow_trainer(out["lr_scheduler"]["scheduler"])
         return out
 
     def on_train_start(self) -> None:
         # A resumed run restores the scheduler's saved horizon; one that follows the trainer takes the new one.
         for config in self.trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "follows_trainer", False):
-                config.scheduler.set_horizon(self.trainer.max_epochs)
+            self._follow_trainer(config.scheduler)
+
+    def _follow_trainer(self, scheduler: Any) -> None:
+        """A schedule built without its own horizon (``follows_trainer``) ends at trainer.max_epochs."""
+        if getattr(scheduler, "follows_trainer", False):
+            scheduler.set_horizon(self.trainer.max_epochs)
 
     def _checked(self, loss: Tensor, stage: str) -> Tensor:
         if not torch.isfinite(loss):
