@@ -46,3 +46,8 @@ def synthetic_cli(
         "num_workers": 0,
     }
     return [arg for key, value in values.items() for arg in (f"--data.{key}", str(value))]
+
+
+def quiet_cli(runs: Path) -> list[str]:
+    """``adx`` arguments of a test run: run folders under ``runs``, no progress bar, no heatmap panels."""
+    return ["--root_dir", str(runs), "--trainer.enable_progress_bar", "false", "--heatmaps.enabled", "false"]

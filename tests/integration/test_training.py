@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.conftest import CONFIGS, synthetic_cli
+from tests.conftest import CONFIGS, quiet_cli, synthetic_cli
 
 from adx.cli import main
 
@@ -24,12 +24,7 @@ def _args(root: Path, runs: Path, *extra: str) -> list[str]:
         *synthetic_cli(root, size=32, n_train=8, n_good=2, n_bad=2),
         "--model.pretrained",
         "false",
-        "--root_dir",
-        str(runs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--heatmaps.enabled",
-        "false",
+        *quiet_cli(runs),
         *extra,
     ]
 
@@ -169,12 +164,7 @@ def test_paper_config_is_one_command(method: str, tmp_path: Path) -> None:
             "--trainer.max_epochs",
             "1",
             *warmup,
-            "--root_dir",
-            str(runs),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--heatmaps.enabled",
-            "false",
+            *quiet_cli(runs),
         ]
     )
     (run,) = runs.glob(f"{method}/*/bottle/v0")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from tests.conftest import CONFIGS, synthetic_cli
+from tests.conftest import CONFIGS, quiet_cli, synthetic_cli
 
 from adx.cli import main
 from adx.data import MVTec
@@ -401,14 +401,7 @@ def test_every_flow_method_has_its_three_configs() -> None:
 )
 def test_demo_fit_then_test_from_checkpoint(method: str, extra: list[str], tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    common = [
-        "--root_dir",
-        str(runs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--heatmaps.enabled",
-        "false",
-    ]
+    common = quiet_cli(runs)
     main(
         [
             "fit",
