@@ -8,7 +8,6 @@ calibration, results and heatmap callbacks are always on (configured as ``--cali
 
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 import warnings
@@ -24,6 +23,8 @@ import adx.models  # noqa: F401  (importing registers every model for subclass r
 from adx.callbacks import Calibration, Checkpoint, HeatmapWriter, ResultsWriter
 from adx.data import AnomalyDataModule
 from adx.models.base import AnomalyModule, CheckpointError, check_checkpoint
+from adx.models.components.weights import restoring_weights
+from adx.runs import new_run_dir
 
 CONFIG_KEY = "adx_config"
 QUIET = (  # Lightning notices that do not apply to adx's frozen backbones and one-pass methods
@@ -41,22 +42,6 @@ class AdxSaveConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_none=False)
-
-
-def new_run_dir(root: Path, *parts: str) -> Path:
-    """Create and return ``root/parts.../v<N>`` with N one above the highest existing version."""
-    base = root.joinpath(*[re.sub(r"[^\w.-]+", "_", p) for p in parts])
-    base.mkdir(parents=True, exist_ok=True)
-    n = (
-        max([int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))], default=-1)
-        + 1
-    )
-    while True:
-        try:
-            (base / f"v{n}").mkdir()
-            return base / f"v{n}"
-        except FileExistsError:  # a concurrent run took it
-            n += 1
 
 
 class AdxCLI(LightningCLI):
@@ -108,6 +93,15 @@ class AdxCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Configs come from the run's saved config.yaml (see expand_ckpt), not from hyperparameters."""
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; with a checkpoint to restore, backbones load no weights file."""
+        ckpt = self._get(self.config, "ckpt_path") if self.subcommand else None
+        if ckpt:  # the checkpoint holds the backbone weights and their provenance
+            with restoring_weights():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self._get(self.config_init, "trainer", default={})
         if cfg.get("default_root_dir"):
@@ -140,6 +134,13 @@ class AdxCLI(LightningCLI):
                 file=sys.stderr,
             )
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """List the k-shot images of a few-shot run in its run folder (k_shot.txt)."""
+        dm = self.datamodule
+        if getattr(dm, "k_shot", None) and self.run_dir is not None:
+            dm.setup("fit")
+            print(f"adx: k-shot images listed in {dm.write_manifest(self.run_dir)}", file=sys.stderr)
 
     def after_fit(self) -> None:
         """Evaluate the fitted model on the test split, in the same run folder."""
@@ -195,10 +196,9 @@ def expand_ckpt(args: list[str]) -> list[str]:
     if not ckpt.is_file():
         raise SystemExit(f"adx: checkpoint {ckpt} does not exist.")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # not a torch file, truncated, ...
+        state = load_checkpoint(ckpt)
+    except Exception as exc:  # not a torch file, truncated, unsafe objects inside, ...
         raise SystemExit(f"adx: cannot read checkpoint {ckpt} ({type(exc).__name__}: {exc}).") from exc
-    state = state if isinstance(state, dict) else {}
     try:
         check_checkpoint(state, source=f"checkpoint {ckpt}")
     except CheckpointError as exc:
@@ -209,7 +209,19 @@ def expand_ckpt(args: list[str]) -> list[str]:
         if _option_value(rest, "--trainer.default_root_dir")[1] is None:
             # a run folder pinned in the saved config (sweep trials) belongs to that run: write a new one
             rest.insert(3, "--trainer.default_root_dir=null")
+    if _option_value(rest, "--weights_only")[1] is None:
+        rest = [*rest, "--weights_only", "true"]  # tensors and plain values only (see load_checkpoint)
     return [*rest, "--ckpt_path", str(ckpt)]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors, containers and plain values, nothing executable.
+
+    adx checkpoints hold only those (the config is embedded as YAML text, weights provenance and calibration
+    sources as strings), so no allowlist of classes is needed; a file that holds pickled objects is refused.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state if isinstance(state, dict) else {}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -224,6 +236,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print("adx sweep --help: grid/random/TPE search over config overrides (docs/sweeps.md)\n")
     argv = expand_ckpt(argv)
+    if argv[:1] == ["predict"] and _option_value(argv, "--return_predictions")[1] is None:
+        # rows and heatmaps are written per batch; keeping every output would grow with the image count
+        argv.append("--return_predictions=false")
     sys.argv = [sys.argv[0], *argv]
     AdxCLI()
 

@@ -174,3 +174,38 @@ def test_checkpoint_alone_uses_its_embedded_config(fitted_run: Path, tmp_path: P
     assert json.loads((new / "metrics.json").read_text())["metrics"]["image_AUROC"] == pytest.approx(
         first["image_AUROC"]
     )
+
+
+def test_checkpoint_restores_without_the_weights_file(fitted_run: Path, monkeypatch) -> None:
+    """Testing a checkpoint reads no pretrained weights file: it holds the weights and their provenance."""
+    import adx.models.components.extractor as extractor
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("the backbone weights file was looked up while restoring a checkpoint")
+
+    monkeypatch.setattr(extractor, "load_pretrained", unavailable)
+    main(["test", "--ckpt", str(fitted_run / "checkpoints" / "last.ckpt"), "--heatmaps.enabled", "false"])
+    latest = max(fitted_run.parent.glob("v*"), key=lambda p: int(p.name[1:]))
+    first = json.loads((fitted_run / "metrics.json").read_text())
+    again = json.loads((latest / "metrics.json").read_text())
+    assert again["weights"]["sha256"] == first["weights"]["sha256"] != ""
+    assert again["metrics"]["image_AUROC"] == pytest.approx(first["metrics"]["image_AUROC"])
+
+
+def test_checkpoint_with_pickled_objects_is_refused(fitted_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    state = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)
+    state["payload"] = Path("x")  # an object that weights_only loading does not allow
+    bad = tmp_path / "bad.ckpt"
+    torch.save(state, bad)
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        main(["test", "--ckpt", str(bad)])
+
+
+def test_k_shot_run_lists_its_images(tmp_path: Path) -> None:
+    args = _fit_args(tmp_path / "data", tmp_path / "runs")
+    main([*args, "--data.k_shot", "2", "--data.val_source", "test_split", "--heatmaps.enabled", "false"])
+    (run,) = (tmp_path / "runs").glob("patchcore/synthetic/demo/v*")
+    listed = (run / "k_shot.txt").read_text().split()
+    assert len(listed) == 2 and all(Path(p).is_file() and "train" in p for p in listed)

@@ -2,12 +2,15 @@
 
 Most tests replace the trial subprocess by a fake ``adx fit`` that writes metrics.json from the trial's
 command line (fast, and it records every call); the slow ones run real PatchCore trials on tiny data.
+PatchCore logs no validation value, so its sweeps here name the test metric explicitly (AUROC).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +21,14 @@ from adx import sweep
 from adx.cli import main as adx_main
 
 DEMO = str(CONFIGS / "patchcore" / "demo.yaml")
-RATIO, NEIGHBORS, SIGMA = (
+FASTFLOW = str(CONFIGS / "fastflow" / "demo.yaml")
+RATIO, NEIGHBORS, SIGMA, LR = (
     "model.init_args.coreset_ratio",
     "model.init_args.num_neighbors",
     "model.init_args.blur_sigma",
+    "model.init_args.optimizer.init_args.lr",
 )
+AUROC = "test/image_AUROC"  # a test metric, named explicitly
 
 
 def _write(path: Path, spec: dict | str) -> Path:
@@ -37,7 +43,7 @@ def _options(cmd: list[str]) -> dict[str, str]:
 
 
 class FakeFit:
-    """Stands in for the ``adx fit`` subprocess: image_AUROC is a smooth function of the params."""
+    """Stands in for the ``adx fit`` subprocess: image_AUROC (and val/loss) are smooth functions of the params."""
 
     def __init__(self, fail_neighbors: int | None = None, interrupt_on_call: int | None = None) -> None:
         self.calls: list[dict[str, str]] = []
@@ -55,19 +61,27 @@ class FakeFit:
         if neighbors == self.fail_neighbors:
             return 1, "Traceback (most recent call last):\nValueError: num_neighbors is cursed"
         auroc = 1.0 - (ratio - 0.2) ** 2 - 0.01 * neighbors - 0.001 * float(opts.get(SIGMA, 4.0))
-        report = {"metrics": {"image_AUROC": auroc, "pixel_AUROC": 0.5}, "fit": {"val/loss": 1 - auroc}}
+        loss = 1 - auroc + float(opts.get(LR, 0.0))
+        report = {"metrics": {"image_AUROC": auroc, "pixel_AUROC": 0.5}, "fit": {"val/loss": loss}}
         (run_dir / "metrics.json").write_text(json.dumps(report))
         return 0, ""
 
 
-def _sweep(tmp_path: Path, spec: dict, *extra: str, fake: FakeFit | None = None, name: str = "s") -> Path:
+def _sweep(
+    tmp_path: Path,
+    spec: dict,
+    *extra: str,
+    fake: FakeFit | None = None,
+    name: str = "s",
+    config: str = DEMO,
+) -> Path:
     out = tmp_path / f"out_{name}"
     sweep.main(
         [
             "--sweep",
             str(_write(tmp_path / f"{name}.yaml", spec)),
             "--config",
-            DEMO,
+            config,
             "--out",
             str(out),
             *extra,
@@ -85,7 +99,7 @@ def _csv(out: Path) -> list[dict]:
     return list(csv.DictReader(open(out / "results.csv")))
 
 
-def _assert_sorted(rows: list[dict], metric: str = "image_AUROC", maximize: bool = True) -> None:
+def _assert_sorted(rows: list[dict], metric: str = AUROC, maximize: bool = True) -> None:
     ok = [float(r[metric]) for r in rows if r["status"] == "ok"]
     assert ok == sorted(ok, reverse=maximize)
     statuses = [r["status"] for r in rows]
@@ -111,6 +125,13 @@ def _assert_sorted(rows: list[dict], metric: str = "image_AUROC", maximize: bool
         ("params: {--a.b: [1, 2]}\n", r"without the leading dashes"),
         ("metric: fit/val/loss\nparams: {a.b: [1, 2]}\n", r"say direction: minimize or direction: maximize"),
         ("direction: up\nparams: {a.b: [1, 2]}\n", r"direction must be maximize or minimize"),
+        (
+            "metric: image_AUROC\nparams: {a.b: [1, 2]}\n",
+            r"metric image_AUROC is a test-set metric .*name the test metric explicitly as "
+            r"metric: test/image_AUROC",
+        ),
+        ("metric: val/loss\nparams: {a.b: [1, 2]}\n", r"values logged during fit are named fit/val/loss"),
+        ("metric: test/\nparams: {a.b: [1, 2]}\n", r"metric must be fit/<key> .* or test/<key>"),
         ("params: {}\n", r"needs params:"),
         ("sampler: grid\n", r"needs params:"),
         ("- a\n", r"must be a mapping"),
@@ -125,22 +146,29 @@ def test_bad_sweep_files_are_refused_with_the_key_named(tmp_path: Path, text: st
 
 def test_param_keys_and_values_are_checked_against_the_base_config(tmp_path: Path) -> None:
     fake = FakeFit()
-    typo = {"params": {"model.init_args.coreset_ratoi": [0.1, 0.2]}}
+    typo = {"metric": AUROC, "params": {"model.init_args.coreset_ratoi": [0.1, 0.2]}}
     with pytest.raises(
         SystemExit, match=r"(?s)coreset_ratoi = 0.1 is refused.*did you mean: .*coreset_ratio"
     ):
         _sweep(tmp_path, typo, fake=fake)
     with pytest.raises(SystemExit, match=r"(?s)num_neighbors = abc is refused.*Expected a <class 'int'>"):
-        _sweep(tmp_path, {"params": {NEIGHBORS: [3, "abc"]}}, fake=fake)
+        _sweep(tmp_path, {"metric": AUROC, "params": {NEIGHBORS: [3, "abc"]}}, fake=fake)
     with pytest.raises(SystemExit, match=r"needs n_trials"):
-        _sweep(tmp_path, {"sampler": "random", "params": {NEIGHBORS: [3, 5]}}, fake=fake)
+        _sweep(tmp_path, {"sampler": "random", "metric": AUROC, "params": {NEIGHBORS: [3, 5]}}, fake=fake)
     with pytest.raises(SystemExit, match=r"--model.num_neighbors is swept by params"):
-        _sweep(tmp_path, {"params": {NEIGHBORS: [3, 5]}}, "--model.num_neighbors", "4", fake=fake)
+        _sweep(
+            tmp_path,
+            {"metric": AUROC, "params": {NEIGHBORS: [3, 5]}},
+            "--model.num_neighbors",
+            "4",
+            fake=fake,
+        )
     with pytest.raises(SystemExit, match=r"sampler_args do not fit the tpe sampler"):
         spec = {
             "sampler": "tpe",
             "n_trials": 2,
             "sampler_args": {"n_startup": 1},
+            "metric": AUROC,
             "params": {NEIGHBORS: [3, 5]},
         }
         _sweep(tmp_path, spec, fake=fake)
@@ -153,6 +181,7 @@ def test_random_and_tpe_run_n_distinct_trials(tmp_path: Path, sampler: str, caps
         "sampler": sampler,
         "n_trials": 10,
         "seed": 3,
+        "metric": AUROC,
         "params": {
             RATIO: {"low": 0.01, "high": 0.5},
             NEIGHBORS: {"low": 1, "high": 9, "type": "int"},
@@ -179,7 +208,7 @@ def test_random_and_tpe_run_n_distinct_trials(tmp_path: Path, sampler: str, caps
         RATIO,
         NEIGHBORS,
         SIGMA,
-        "pixel_AUROC",
+        "test/pixel_AUROC",
         "fit/val/loss",
         "run_dir",
     }
@@ -194,6 +223,7 @@ def test_interrupted_sweep_resumes_exactly_where_it_stopped(tmp_path: Path, caps
     spec = {
         "sampler": "tpe",
         "n_trials": 6,
+        "metric": AUROC,
         "sampler_args": {"n_startup_trials": 2},
         "params": {RATIO: {"low": 0.01, "high": 0.5}, NEIGHBORS: [1, 3, 5, 7, 9]},
     }
@@ -229,7 +259,7 @@ def test_interrupted_sweep_resumes_exactly_where_it_stopped(tmp_path: Path, caps
 
 
 def test_grid_failed_trials_lost_records_and_retry(tmp_path: Path, capsys) -> None:
-    spec = {"sampler": "grid", "params": {RATIO: [0.05, 0.2], NEIGHBORS: [1, 3, 9]}}
+    spec = {"sampler": "grid", "metric": AUROC, "params": {RATIO: [0.05, 0.2], NEIGHBORS: [1, 3, 9]}}
     fake = FakeFit(fail_neighbors=9)
     out = _sweep(tmp_path, spec, fake=fake)
     grid = {(r, n) for r in ("0.05", "0.2") for n in ("1", "3", "9")}
@@ -245,7 +275,11 @@ def test_grid_failed_trials_lost_records_and_retry(tmp_path: Path, capsys) -> No
     md = (out / "results.md").read_text()
     assert "6/6 trials finished, 4 ok, 2 failed" in md and "--model.init_args.coreset_ratio 0.2" in md
     assert md.count("| failed |") == 2 and "num_neighbors is cursed" in md
-    assert "FAILED: ValueError: num_neighbors is cursed" in capsys.readouterr().out
+    assert 'Ranked by `test/image_AUROC` (metrics.json["metrics"]["image_AUROC"]), a **test** metric' in md
+    assert "> **Warning:** ranked by a test-set metric" in md
+    printed = capsys.readouterr().out
+    assert "FAILED: ValueError: num_neighbors is cursed" in printed
+    assert "WARNING: ranking by test/image_AUROC, a test-set metric" in printed
 
     # a lost record (here: deleted line of t001) is run again, the others are not
     lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
@@ -272,10 +306,11 @@ def test_grid_failed_trials_lost_records_and_retry(tmp_path: Path, capsys) -> No
 
 
 def test_a_different_sweep_in_the_same_folder_is_refused(tmp_path: Path) -> None:
-    spec = {"params": {NEIGHBORS: [1, 3]}}
+    spec = {"metric": AUROC, "params": {NEIGHBORS: [1, 3]}}
     _sweep(tmp_path, spec, "--data.image_size", "64", fake=FakeFit())
     with pytest.raises(SystemExit, match=r"holds a different sweep \(changed: params\)"):
-        _sweep(tmp_path, {"params": {NEIGHBORS: [1, 5]}}, "--data.image_size", "64", fake=FakeFit())
+        other = {"metric": AUROC, "params": {NEIGHBORS: [1, 5]}}
+        _sweep(tmp_path, other, "--data.image_size", "64", fake=FakeFit())
     with pytest.raises(SystemExit, match=r"changed: config data.init_args.image_size"):
         _sweep(tmp_path, spec, "--data.image_size", "96", fake=FakeFit())
     fake = FakeFit()  # settings that do not change results may differ
@@ -289,11 +324,66 @@ def test_minimize_a_fit_metric(tmp_path: Path) -> None:
     rows = _csv(out)
     assert [r[RATIO] for r in rows] == ["0.2", "0.05", "0.4"]
     _assert_sorted(rows, "fit/val/loss", maximize=False)
+    md = (out / "results.md").read_text()
+    assert 'Ranked by `fit/val/loss` (metrics.json["fit"]["val/loss"]), a **validation** metric' in md
+    assert "Warning" not in md
+
+
+def test_without_metric_trained_methods_rank_by_validation_loss(tmp_path: Path, capsys) -> None:
+    spec = {"params": {LR: [0.003, 0.001, 0.002]}}  # no metric: the default, fit/val/loss
+    fake = FakeFit()
+    out = _sweep(tmp_path, spec, fake=fake, config=FASTFLOW)
+    assert len(fake.calls) == 3
+    state = json.loads((out / sweep.STATE_FILE).read_text())["spec"]
+    assert (state["metric"], state["direction"]) == ("fit/val/loss", "minimize")
+    rows = _csv(out)
+    assert [r[LR] for r in rows] == ["0.001", "0.002", "0.003"], "lowest validation loss first"
+    _assert_sorted(rows, "fit/val/loss", maximize=False)
+    md = (out / "results.md").read_text()
+    assert "Ranked by `fit/val/loss`" in md and "a **validation** metric" in md and "Warning" not in md
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_without_metric_a_method_with_no_validation_value_is_refused(tmp_path: Path) -> None:
+    fake = FakeFit()
+    with pytest.raises(
+        SystemExit,
+        match=r"names no metric, and the default fit/val/loss .*PatchCore is not one.*metric: test/image_AUROC",
+    ):
+        _sweep(tmp_path, {"params": {NEIGHBORS: [1, 3]}}, fake=fake)
+    assert fake.calls == [] and not (tmp_path / "out_s").exists()
+
+
+def test_a_sweep_from_before_the_test_prefix_resumes(tmp_path: Path) -> None:
+    spec = {"metric": AUROC, "params": {NEIGHBORS: [1, 3]}}
+    out = _sweep(tmp_path, spec, fake=FakeFit())
+    # the folder as sweeps wrote it when metric: image_AUROC (bare) meant the test metric
+    state = json.loads((out / sweep.STATE_FILE).read_text())
+    state["spec"]["metric"] = "image_AUROC"
+    (out / sweep.STATE_FILE).write_text(json.dumps(state))
+    records = _records(out)
+    for r in records:
+        r["metrics"] = {k.removeprefix("test/"): v for k, v in r["metrics"].items()}
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = FakeFit()
+    _sweep(tmp_path, spec, fake=again)
+    assert again.calls == []
+    header = _csv(out)[0]
+    assert "test/pixel_AUROC" in header and "pixel_AUROC" not in header
+
+
+def test_sweep_and_cli_do_not_import_each_other() -> None:
+    checks = [
+        "import adx.runs; assert not {'adx.cli', 'adx.sweep'} & set(sys.modules), sorted(sys.modules)",
+        "import adx.sweep; assert 'adx.cli' not in sys.modules, 'adx.sweep imports adx.cli'",
+        "import adx.cli; assert 'adx.sweep' not in sys.modules, 'adx.cli imports adx.sweep'",
+    ]
+    for check in checks:
+        done = subprocess.run([sys.executable, "-c", f"import sys; {check}"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
 
 
 def test_trial_subprocess_error_tail_and_timeout(tmp_path: Path) -> None:
-    import sys
-
     crash = "import sys; print('loading', file=sys.stderr); raise ValueError('bad coreset')"
     code, error = sweep.run_command([sys.executable, "-c", crash], tmp_path, None)
     assert code == 1 and error.splitlines()[-1] == "ValueError: bad coreset" and "loading" in error
@@ -319,6 +409,7 @@ def test_real_grid_sweep_resumes_without_rerunning(tmp_path: Path, capsys) -> No
         tmp_path / "grid.yaml",
         {
             "sampler": "grid",
+            "metric": AUROC,
             "overrides": {"heatmaps.enabled": False, "model.init_args.progress": False},
             "params": {RATIO: [0.01, 0.1], NEIGHBORS: [1, 9]},
         },
@@ -355,7 +446,7 @@ def test_real_grid_sweep_resumes_without_rerunning(tmp_path: Path, capsys) -> No
             r["params"][NEIGHBORS],
         )
         metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-        assert r["value"] == metrics["image_AUROC"] and r["metrics"]["AUPRO"] == metrics["AUPRO"]
+        assert r["value"] == metrics["image_AUROC"] and r["metrics"]["test/AUPRO"] == metrics["AUPRO"]
         assert not (run / "heatmaps").exists(), "overrides reach every trial"
     rows = _csv(out)
     assert len(rows) == 4
@@ -370,6 +461,7 @@ def test_real_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, ca
         tmp_path / "bad_ratio.yaml",
         {
             "sampler": "grid",
+            "metric": AUROC,
             "overrides": {"heatmaps.enabled": False, "model.init_args.progress": False},
             "params": {RATIO: [2.0, 0.05]},  # 2.0 passes the parser but PatchCore refuses it
         },

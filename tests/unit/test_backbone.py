@@ -1,4 +1,5 @@
-"""Backbone: offline weights resolution is covered by the contract tests; here the inference optimisation."""
+"""Backbone (CNN): the inference optimisation and input normalisation; weights in test_weights.py, ViTs in
+test_extractor.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from adx.models.components.backbone import Backbone, fold_batchnorm
+from adx.models.components.backbone import Backbone, BackboneError, fold_batchnorm
+from adx.models.components.extractor import IMAGENET_MEAN, IMAGENET_STD
+
+RANDOM = pytest.mark.filterwarnings("ignore:backbone .* RANDOM")
 
 
 def _randomise_batchnorm(model: nn.Module) -> None:
@@ -20,6 +24,7 @@ def _randomise_batchnorm(model: nn.Module) -> None:
             m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
 
 
+@RANDOM
 @pytest.mark.parametrize(
     ("name", "strides"),
     [("tf_efficientnet_lite0", (8, 16)), ("tf_efficientnet_lite0", (4, 8)), ("resnet18", (8, 16))],
@@ -40,6 +45,7 @@ def test_optimised_backbone_matches_plain(name: str, strides: tuple[int, ...]) -
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-5
 
 
+@RANDOM
 def test_unused_stages_are_dropped() -> None:
     full = Backbone("tf_efficientnet_lite0", (8,), pretrained=False, optimize=False)
     lean = Backbone("tf_efficientnet_lite0", (8,), pretrained=False, optimize=True)
@@ -64,6 +70,9 @@ class _NormBeforeConv(nn.Module):
 
 def test_fold_is_refused_when_outputs_change() -> None:
     assert fold_batchnorm(_NormBeforeConv()) is None
+    fresh = _NormBeforeConv()
+    fresh.bn.reset_parameters()  # an identity BatchNorm folds "exactly" anywhere: the layout is checked too
+    assert fold_batchnorm(fresh) is None
     assert fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1))) is None  # nothing to fold
 
 
@@ -75,3 +84,43 @@ def test_fold_of_a_plain_pair() -> None:
     assert fused is not None and isinstance(fused[1], nn.Identity)
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@RANDOM
+@pytest.mark.parametrize(
+    ("normalization", "mean", "std"),
+    [
+        ("backbone", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # tf_efficientnet_lite0's pretrained config
+        ("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+        ("none", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        ("0.1,0.2,0.3/0.5,0.6,0.7", (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)),
+    ],
+)
+def test_normalization_options(normalization: str, mean: tuple, std: tuple) -> None:
+    backbone = Backbone("tf_efficientnet_lite0", (8,), pretrained=False, normalization=normalization)
+    torch.testing.assert_close(backbone.mean.flatten(), torch.tensor(mean))
+    torch.testing.assert_close(backbone.std.flatten(), torch.tensor(std))
+    assert {"mean", "std"} <= set(dict(backbone.named_buffers()))  # they travel with the checkpoint
+
+
+@RANDOM
+@pytest.mark.parametrize("bad", ["ImageNet", "0.1,0.2/0.5,0.5,0.5", "0,0,0/1,0,1", "x"])
+def test_unknown_normalization_lists_the_options(bad: str) -> None:
+    with pytest.raises(BackboneError, match="backbone, imagenet, none"):
+        Backbone("tf_efficientnet_lite0", (8,), pretrained=False, normalization=bad)
+
+
+@RANDOM
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_backbone_traces() -> None:
+    backbone = Backbone("tf_efficientnet_lite0", (8, 16), pretrained=False, normalization="imagenet")
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        traced = torch.jit.trace(backbone, images, check_trace=False, strict=False)
+        for a, b in zip(backbone(images), traced(images), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_cnn_only_callers_refuse_a_vit() -> None:
+    with pytest.raises(BackboneError, match="not a CNN"):
+        Backbone("vit_tiny_patch16_224", (16,), pretrained=False)

@@ -60,7 +60,9 @@ def test_fit_calibrates_and_tests(fitted) -> None:
     name, model, trainer, dm = fitted
     assert model.calibrated, f"{name} has no thresholds after validation"
     assert "F1-optimal" in model.threshold_source  # test_split validation holds anomalies
-    assert float(model.image_min) <= float(model.image_threshold) <= float(model.image_max)
+    cal = model.calibrator
+    assert float(cal.image_min) <= float(cal.image_threshold) <= float(cal.image_max)
+    assert cal.n_normal + cal.n_anomalous == len(dm.val_samples)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
     for key in ("image_AUROC", "pixel_AUROC", "AUPRO", "image_F1max", "pixel_F1max"):
         assert 0.0 <= metrics[f"test/{key}"] <= 1.0
@@ -77,7 +79,7 @@ def test_outputs_shapes_and_normalisation(fitted) -> None:
     assert out["image_score"].shape == (b,)
     assert out["anomaly_map"].shape == (b, h, w) == out["norm_map"].shape
     assert 0.0 <= float(out["pred_score"].min()) and float(out["pred_score"].max()) <= 1.0
-    assert torch.equal(out["pred_label"], out["image_score"] >= model.image_threshold)
+    assert torch.equal(out["pred_label"], out["image_score"] >= model.calibrator.image_threshold)
 
 
 def test_checkpoint_round_trip(fitted, tmp_path: Path) -> None:
@@ -92,14 +94,17 @@ def test_checkpoint_round_trip(fitted, tmp_path: Path) -> None:
         a, b = model.model(batch["image"]), restored.model(batch["image"])
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
-    assert float(restored.image_threshold) == float(model.image_threshold)
+    assert float(restored.calibrator.image_threshold) == float(model.calibrator.image_threshold)
+    assert restored.calibrator.n_normal == model.calibrator.n_normal
+    assert tuple(restored.input_size.tolist()) == (64, 64)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_unfitted_model_says_so(name: str) -> None:
     model = MODELS[name](**SMALL.get(name, {}))
+    batch = {"image": torch.rand(1, 3, 64, 64), "path": ["x.png"]}
     with pytest.raises(RuntimeError, match="fit"):
-        model.model(torch.rand(1, 3, 64, 64))
+        model.predict_step(batch, 0)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -108,3 +113,23 @@ def test_unknown_backbone_and_stride_are_named(name: str) -> None:
         MODELS[name](backbone="no_such_net")
     with pytest.raises(ValueError, match="strides"):
         MODELS[name](strides=(8, 64))
+
+
+def test_inference_module_is_the_test_path_and_traces(fitted) -> None:
+    """Test outputs come from the one inference module; it resizes any input and traces whole."""
+    name, model, _, dm = fitted
+    batch = next(iter(dm.test_dataloader()))
+    model.eval()
+    module = model.inference_module()
+    with torch.no_grad():
+        out = model.test_step(batch, 0)
+        pred = module(batch["image"])
+        for key, value in pred._asdict().items():
+            torch.testing.assert_close(out[key], value)
+        bigger = torch.nn.functional.interpolate(batch["image"], size=(96, 80), mode="bilinear")
+        assert module(bigger).anomaly_map.shape == batch["image"].shape[:1] + (64, 64)
+        traced = torch.jit.trace(module, batch["image"], check_trace=False, strict=False)
+        again = traced(batch["image"])
+    torch.testing.assert_close(again[0], pred.image_score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again[1], pred.anomaly_map, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again[4], pred.pred_label), f"{name}: traced labels differ"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from adx.callbacks.collect import Collector, OutputsCallback
 from adx.metrics import f1_max, quantile_threshold
 from adx.models.base import AnomalyModule
+
+MIN_F1_IMAGES = 5
+"""Fewer validation images of a class than this make an F1-optimal threshold a guess (warned)."""
 
 
 class Calibration(OutputsCallback):
@@ -69,9 +73,13 @@ class Calibration(OutputsCallback):
             pixel_thr = quantile_threshold(maps[normal].flatten(1).max(1).values, self.quantile)
         else:
             image_thr, pixel_thr = self.manual
-        source = self._describe(trainer, method, int(normal.sum()), int((labels == 1).sum()))
+        n_normal, n_anomalous = int(normal.sum()), int((labels == 1).sum())
+        source = self._describe(trainer, method, n_normal, n_anomalous)
+        self._warn_if_few(method, n_normal, n_anomalous)
         pl_module.set_calibration(
             source,
+            n_normal,
+            n_anomalous,
             image_threshold=image_thr,
             pixel_threshold=pixel_thr,
             image_min=scores.min(),
@@ -81,6 +89,22 @@ class Calibration(OutputsCallback):
         )
         rank_zero_info(f"adx: thresholds image={image_thr:.4g} pixel={pixel_thr:.4g} ({source})")
         self.collector.reset()
+
+    def _warn_if_few(self, method: str, n_normal: int, n_anomalous: int) -> None:
+        """Warn when a threshold rests on too few images to mean what its name says."""
+        if method == "quantile" and self.quantile < 1.0 and n_normal < math.ceil(1.0 / (1.0 - self.quantile)):
+            need = math.ceil(1.0 / (1.0 - self.quantile))
+            rank_zero_warn(
+                f"adx: the image threshold is the {self.quantile} quantile of only {n_normal} normal validation "
+                f"scores, which is (close to) their maximum; at least {need} normal images are needed for that "
+                "quantile to differ from the maximum. Add normal images, raise --data.val_ratio, or lower "
+                "--calibration.quantile."
+            )
+        if method == "f1" and min(n_normal, n_anomalous) < MIN_F1_IMAGES:
+            rank_zero_warn(
+                f"adx: the F1-optimal thresholds rest on {n_normal} normal and {n_anomalous} anomalous validation "
+                f"images (fewer than {MIN_F1_IMAGES} of a class): expect them to move a lot with other images."
+            )
 
     def _describe(self, trainer: Trainer, method: str, n_normal: int, n_anomalous: int) -> str:
         val_source = getattr(trainer.datamodule, "val_source", "validation")
@@ -92,13 +116,9 @@ class Calibration(OutputsCallback):
         return f"{what} on validation '{val_source}' ({n_normal} normal, {n_anomalous} anomalous images)"
 
 
-def calibration_state(pl_module: AnomalyModule) -> dict[str, float | str]:
-    """Thresholds and normalisation statistics of a model, for reports."""
-    from adx.models.base import CALIBRATION_BUFFERS
-
-    out: dict[str, float | str] = {k: float(getattr(pl_module, k)) for k in CALIBRATION_BUFFERS}
-    out["source"] = pl_module.threshold_source
-    return out
+def calibration_state(pl_module: AnomalyModule) -> dict[str, Any]:
+    """Thresholds, normalisation statistics, their source and image counts, for reports."""
+    return pl_module.calibrator.state()
 
 
 __all__ = ["Calibration", "calibration_state"]

@@ -35,12 +35,9 @@ def exclusive_path(folder: Path, name: str) -> Path:
 
 def write_rows(path: Path, rows: dict[str, list[Any]]) -> None:
     """Write a column dict as CSV."""
-    keys = [k for k in ROW_KEYS if k in rows]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(keys)
-        for values in zip(*(rows[k] for k in keys), strict=True):
-            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+    writer = RowWriter(path)
+    writer.write(rows)
+    writer.close()
 
 
 def _columns(data: dict[str, Any]) -> dict[str, list[Any]]:
@@ -62,6 +59,7 @@ class ResultsWriter(OutputsCallback):
         self.collector = Collector(keys)
         self._t0 = 0.0
         self.fit_metrics: dict[str, float] = {}
+        self._rows: RowWriter | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep the final epoch's logged train/val values (val/loss, ...) for metrics.json."""
@@ -92,8 +90,9 @@ class ResultsWriter(OutputsCallback):
     def on_outputs(self, trainer: Trainer, pl_module: LightningModule, stage: str, outputs: Any) -> None:
         if stage == "test":
             self._add(outputs)
-        elif stage == "predict":
-            self.collector.add({k: v for k, v in outputs.items() if k in ROW_KEYS})
+        elif stage == "predict" and self._rows is not None:
+            # streamed: each batch's rows go to disk at once, so memory does not grow with the image count
+            self._rows.write(_columns({k: v for k, v in outputs.items() if k in ROW_KEYS}))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.perf_counter() - self._t0
@@ -134,18 +133,37 @@ class ResultsWriter(OutputsCallback):
         self.collector.reset()
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.collector.reset()
-
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        data = self.collector.cat()
-        if not data:
-            return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        path = exclusive_path(folder, "predictions.csv")
-        write_rows(path, _columns(data))
-        rank_zero_info(f"adx: wrote scores of {len(data['path'])} images to {path}")
-        self.collector.reset()
+        self._rows = RowWriter(exclusive_path(folder, "predictions.csv"))
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._rows is not None:
+            self._rows.close()
+            rank_zero_info(f"adx: wrote scores of {self._rows.count} images to {self._rows.path}")
+            self._rows = None
+
+
+class RowWriter:
+    """Appends CSV rows (column dicts of one batch) to a file as they come, header first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.count = path, 0
+        self._fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.writer(self._fh)
+        self._keys: list[str] | None = None
+
+    def write(self, rows: dict[str, list[Any]]) -> None:
+        if self._keys is None:
+            self._keys = [k for k in ROW_KEYS if k in rows]
+            self._writer.writerow(self._keys)
+        for values in zip(*(rows[k] for k in self._keys), strict=True):
+            self._writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+            self.count += 1
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

@@ -5,11 +5,12 @@ from adx.data.dataset import AnomalyDataset
 from adx.data.folder import list_folder
 from adx.data.goodng import list_goodng
 from adx.data.mvtec import list_mvtec
-from adx.data.samples import AdxDataError, Sample, check_samples
+from adx.data.samples import AdxDataError, AdxDataWarning, Sample, check_samples
 from adx.data.synthetic import make_synthetic
 
 __all__ = [
     "AdxDataError",
+    "AdxDataWarning",
     "AnomalyDataModule",
     "AnomalyDataset",
     "Folder",

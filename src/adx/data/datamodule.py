@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from adx.data.dataset import AnomalyDataset, to_hw
+from adx.data.dataset import AnomalyDataset, BitDepth, check_bit_depth, to_hw
 from adx.data.folder import list_folder
 from adx.data.goodng import list_goodng
 from adx.data.mvtec import ROOT_ENV, check_root, list_mvtec
@@ -21,6 +21,8 @@ from adx.data.synthetic import make_synthetic
 
 ValSource = Literal["train_split", "test_split", "test", "none"]
 CACHE_ENV = "ADX_CACHE_DIR"
+MANIFEST_NAME = "k_shot.txt"
+_MAX_LISTED_SHOTS = 32
 
 
 @rank_zero_only
@@ -67,6 +69,16 @@ class AnomalyDataModule(L.LightningDataModule):
     moves a seeded, stratified ``val_ratio`` of the test set to validation (removed from test); ``test`` validates
     on the test set itself (thresholds then fit on test data); ``none`` disables validation.
     Validation samples keep their original ``split`` field ("train" or "test").
+
+    ``bit_depth``: significant bits of 16-bit images ("auto" = 16; e.g. 12 for 12-bit camera data stored in
+    16-bit files); 8-bit images are always scaled by 255 and float images are read as [0, 1] (adx.data.dataset).
+    ``fast_jpeg``: decode large JPEGs at a reduced DCT scale (>= 2x the target) before the common resize; faster,
+    but sharp edges can move by tens of grey levels, by size-dependent amounts (see adx.data.dataset).
+
+    ``k_shot``: train on K normal images only, drawn from the training images with ``seed`` (the same seed and
+    dataset give the same K; the picks for K are the first K of one seeded order, so smaller K are subsets of
+    larger). They are printed at setup, kept in ``k_shot_paths`` and written by ``write_manifest``. Only
+    ``val_source`` test_split, test or none are allowed with it, so validation never sees more normal images.
     """
 
     def __init__(
@@ -80,9 +92,13 @@ class AnomalyDataModule(L.LightningDataModule):
         seed: int = 0,
         path: str | None = None,
         verify_images: bool = True,
+        bit_depth: BitDepth = "auto",
+        fast_jpeg: bool = False,
+        k_shot: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = to_hw(image_size)
+        self.bit_depth = check_bit_depth(bit_depth)
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise AdxDataError(f"{key} must be >= 1, got {value}. Fix --data.{key}.")
@@ -94,6 +110,18 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         if val_source in ("train_split", "test_split") and not 0.0 < val_ratio < 1.0:
             raise AdxDataError(f"val_ratio must be in (0, 1), got {val_ratio}. Fix --data.val_ratio.")
+        if k_shot is not None:
+            if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+                raise AdxDataError(
+                    f"k_shot must be a whole number >= 1 (or unset for all training images), got {k_shot!r}. "
+                    "Fix --data.k_shot."
+                )
+            if val_source == "train_split":
+                raise AdxDataError(
+                    f"--data.k_shot {k_shot} cannot be combined with --data.val_source train_split: validation "
+                    "would use normal training images beyond the K shots. Set --data.val_source test_split "
+                    "(threshold from a held-out part of the test set) or none."
+                )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -102,6 +130,10 @@ class AnomalyDataModule(L.LightningDataModule):
         self.seed = seed
         self.path = path
         self.verify_images = verify_images
+        self.fast_jpeg = fast_jpeg
+        self.k_shot = k_shot
+        self.k_shot_paths: list[str] = []  # absolute paths of the K training images (filled at setup)
+        self._n_train_available = 0
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
@@ -158,6 +190,9 @@ class AnomalyDataModule(L.LightningDataModule):
             raise AdxDataError(
                 f"dataset '{self.name}/{self.category}' has no training images. Check --data.root."
             )
+        self._n_train_available = len(train)
+        if self.k_shot is not None:
+            train = self._pick_shots(train)
         rng = np.random.default_rng(self.seed)
         val: list[Sample] = []
         if self.val_source == "train_split":
@@ -178,6 +213,39 @@ class AnomalyDataModule(L.LightningDataModule):
             val = list(test)
         self.train_samples, self.val_samples, self.test_samples = train, val, test
 
+    def _pick_shots(self, train: list[Sample]) -> list[Sample]:
+        """The ``k_shot`` training samples (listing order): the first K of a permutation seeded by ``seed``."""
+        if self.k_shot > len(train):
+            raise AdxDataError(
+                f"k_shot={self.k_shot} but dataset '{self.name}/{self.category}' has {len(train)} training "
+                f"image(s). Set --data.k_shot to at most {len(train)}."
+            )
+        # a stream of its own, so the validation/test split is the same with and without k_shot
+        order = np.random.default_rng([self.seed, 1]).permutation(len(train))
+        chosen = set(order[: self.k_shot].tolist())
+        shots = [s for i, s in enumerate(train) if i in chosen]
+        self.k_shot_paths = [os.path.abspath(s.image_path) for s in shots]
+        return shots
+
+    def write_manifest(self, folder: str | Path) -> Path:
+        """Write ``k_shot_paths`` (one per line) to ``folder/k_shot.txt`` (``k_shot_1.txt``... if taken); return it."""
+        if self.k_shot is None:
+            raise AdxDataError("write_manifest: no k-shot selection to write; --data.k_shot is not set.")
+        if not self.k_shot_paths:
+            raise RuntimeError("write_manifest: call setup() first, which picks the k-shot images.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem, suffix = Path(MANIFEST_NAME).stem, Path(MANIFEST_NAME).suffix
+        n = 0
+        while True:
+            path = folder / (MANIFEST_NAME if n == 0 else f"{stem}_{n}{suffix}")
+            try:
+                with path.open("x", encoding="utf-8") as handle:  # exclusive: never overwrites
+                    handle.write("".join(f"{p}\n" for p in self.k_shot_paths))
+                return path
+            except FileExistsError:
+                n += 1
+
     def summary(self) -> str:
         """A short multi-line description of the splits."""
         n_good = sum(s.label == 0 for s in self.test_samples)
@@ -190,12 +258,24 @@ class AnomalyDataModule(L.LightningDataModule):
             "none": "disabled",
         }[self.val_source]
         h, w = self.image_size
+        depth = f", 16-bit images read as {self.bit_depth}-bit" if self.bit_depth != "auto" else ""
         lines = [
-            f"[adx.data] {self.name}/{self.category} @ {h}x{w}{self._summary_note()}",
+            f"[adx.data] {self.name}/{self.category} @ {h}x{w}{depth}{self._summary_note()}",
             f"  train {len(self.train_samples)} | val {len(self.val_samples)} ({val_good} good, "
             f"{len(self.val_samples) - val_good} defective; {self.val_source}: {val_desc})",
             f"  test  {len(self.test_samples)} ({n_good} good, {n_bad} defective)",
         ]
+        if self.k_shot is not None:
+            lines.append(
+                f"  k_shot {self.k_shot}: training on {self.k_shot} of {self._n_train_available} normal training "
+                f"images, picked with seed {self.seed}:"
+            )
+            lines += [f"    {p}" for p in self.k_shot_paths[:_MAX_LISTED_SHOTS]]
+            if len(self.k_shot_paths) > _MAX_LISTED_SHOTS:
+                lines.append(
+                    f"    ... and {len(self.k_shot_paths) - _MAX_LISTED_SHOTS} more (all in k_shot_paths / "
+                    "write_manifest())"
+                )
         if self.val_source == "test":
             lines.append(
                 "  !!! WARNING: val_source=test - validation IS the test set, so thresholds/early stopping are fitted "
@@ -207,7 +287,7 @@ class AnomalyDataModule(L.LightningDataModule):
     def _loader(self, samples: list[Sample], batch_size: int, shuffle: bool) -> DataLoader:
         """DataLoader over ``samples`` with this module's worker settings."""
         return DataLoader(
-            AnomalyDataset(samples, self.image_size),
+            AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg),
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=False,

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MAX_LISTED_PROBLEMS = 10
@@ -25,6 +25,56 @@ class Sample:
 
 class AdxDataError(ValueError):
     """Bad data input; the message names the offending file/folder/key and says what to do."""
+
+
+class AdxDataWarning(UserWarning):
+    """Data that loads but probably not as the user meant (the message names the file and the option to set)."""
+
+
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {  # EXIF orientation -> the transposition that shows the image upright (as PIL.ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright_transpose(img: Image.Image) -> Image.Transpose | None:
+    """The transposition that makes an opened ``img`` upright per its EXIF orientation tag (None if upright).
+
+    Read from the header without decoding pixels: JPEG/WebP EXIF, and a PNG eXIf chunk placed before the pixel
+    data (a late eXIf chunk is ignored, by the size checks and the loader alike). TIFFs return None: PIL applies
+    their orientation tag itself on load and already reports the upright size. Unreadable EXIF counts as upright.
+    """
+    if isinstance(img, TiffImagePlugin.TiffImageFile):
+        return None
+    if isinstance(img, PngImagePlugin.PngImageFile) and "exif" not in img.info:
+        return None  # PIL would decode the whole image to look for a late eXIf chunk
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF: metadata only, the pixels are still usable
+        return None
+    return _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+
+
+def swaps_axes(method: Image.Transpose | None) -> bool:
+    """True if the transposition exchanges width and height (90/270 degree rotations, transpose, transverse)."""
+    return method in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_270,
+    )
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(W, H) of an opened image once turned upright by its EXIF orientation (header only)."""
+    w, h = img.size
+    return (h, w) if swaps_axes(upright_transpose(img)) else (w, h)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -66,10 +116,10 @@ def find_mask(stem: str, indexes: Sequence[dict[str, Path]]) -> Path | None:
 
 
 def _image_size(path: str, what: str) -> tuple[int, int]:
-    """Open only the header of ``path`` and return its (W, H); raise AdxDataError if unreadable."""
+    """Open only the header of ``path`` and return its upright (W, H); raise AdxDataError if unreadable."""
     try:
         with Image.open(path) as img:
-            return img.size
+            return upright_size(img)
     except FileNotFoundError:
         raise AdxDataError(
             f"{what} not found: '{path}'. Restore the file or remove it from the dataset."
@@ -83,6 +133,8 @@ def _image_size(path: str, what: str) -> tuple[int, int]:
 
 def check_samples(samples: Iterable[Sample], verify_images: bool = True) -> None:
     """Check every image (and mask) exists; with ``verify_images`` also open headers and compare mask sizes.
+
+    Sizes are compared in the upright frame (after EXIF orientation), as the loader sees them.
 
     All problems are collected and reported together (first ten) in one AdxDataError.
     """

@@ -1,10 +1,11 @@
 """Every method adx ships; importing this package registers them for the CLI."""
 
-from adx.models.base import AnomalyModule, MemoryBankModule, TrainedModule
+from adx.models.base import AnomalyModule, MemoryBankModule
 from adx.models.cflow import CFlow
 from adx.models.fastflow import FastFlow
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
+from adx.models.trained import TrainedModule
 
 __all__ = [
     "MODELS",

@@ -1,18 +1,17 @@
 """Lightning base classes shared by every method.
 
-``AnomalyModule`` owns the calibration buffers (thresholds and normalisation statistics, so they
-travel with the checkpoint) and the one post-processing path used by validation, test, predict and
-export. Subclasses wrap a plain ``nn.Module`` as ``self.model`` whose ``forward(images)`` returns
-``(image_scores [B], anomaly_maps [B,H,W])`` in raw units.
-``MemoryBankModule`` is the adapter for training-free methods: one pass over the training images
-feeds ``model.update(images)``; ``model.fit()`` runs after the last training batch.
-``TrainedModule`` is the adapter for methods trained by gradient descent: it minimises
-``model.loss(images)`` with the optimizer and scheduler named in the config.
+``AnomalyModule`` owns the calibration (a :class:`~adx.calibration.Calibrator` whose buffers travel with
+the checkpoint) and routes validation, test and predict through the one inference path,
+:class:`~adx.inference.InferenceModule`. Subclasses wrap a plain ``nn.Module`` as ``self.model`` whose
+``forward(images)`` returns ``(image_scores [B], anomaly_maps [B,H,W])`` in raw units without Python
+branches on tensor values, and which may define ``check_fitted()`` (raises RuntimeError naming what to do).
+``MemoryBankModule`` is the adapter for methods fitted from one pass over the training images:
+``model.update(images)`` per batch, ``model.fit()`` after the last one. Gradient-trained methods use
+``adx.models.trained.TrainedModule``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -21,98 +20,91 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 import adx
-from adx.models.components.optim import build_optimizers
+from adx.calibration import Calibrator
+from adx.inference import InferenceModule
 
-CHECKPOINT_FORMAT = 2
-"""Layout version of adx checkpoints; 2 = backbones stored with BatchNorm folded into convolutions."""
+CHECKPOINT_FORMAT = 3
+"""Layout version of adx checkpoints; 3 = calibration in ``calibrator.*``, fitted input size stored."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that this adx version or this method cannot load."""
 
 
-CALIBRATION_BUFFERS = (
-    "image_threshold",
-    "pixel_threshold",
-    "image_min",
-    "image_max",
-    "pixel_min",
-    "pixel_max",
-)
+CALIBRATED_KEYS = ("pred_score", "norm_map", "pred_label", "pred_mask")
 
 
 class AnomalyModule(LightningModule):
-    """Val/test/predict steps, calibration buffers and normalised outputs for all methods."""
+    """Val/test/predict steps through the inference module, and the calibration they need."""
 
     model: torch.nn.Module
 
     def __init__(self) -> None:
         super().__init__()
-        for name in CALIBRATION_BUFFERS:
-            self.register_buffer(name, torch.tensor(float("nan")))
-        self.threshold_source = "none"  # where the thresholds came from; saved in the checkpoint
+        self.calibrator = Calibrator()
+        # (H, W) of the images the model was fitted on; (0, 0) until fit starts
+        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
 
     # ---- calibration -------------------------------------------------------------------------
     @property
     def calibrated(self) -> bool:
         """True once thresholds and normalisation statistics are set."""
-        return not math.isnan(float(self.image_threshold))
+        return self.calibrator.calibrated
 
-    def set_calibration(self, source: str, **values: float) -> None:
-        """Write thresholds / min / max buffers (keys of CALIBRATION_BUFFERS) and their source."""
-        for key, value in values.items():
-            if key not in CALIBRATION_BUFFERS:
-                raise KeyError(f"unknown calibration value {key!r}; expected one of {CALIBRATION_BUFFERS}")
-            getattr(self, key).fill_(float(value))
-        self.threshold_source = source
+    @property
+    def threshold_source(self) -> str:
+        """Where the thresholds came from, in words."""
+        return self.calibrator.source
 
+    def set_calibration(self, source: str, n_normal: int = 0, n_anomalous: int = 0, **values: Any) -> None:
+        """Write thresholds / min / max, their source and the number of images behind them."""
+        self.calibrator.set(source, n_normal, n_anomalous, **values)
+
+    # ---- the inference path ------------------------------------------------------------------
+    def inference_module(self) -> InferenceModule:
+        """Resize -> model -> calibration for raw image batches of any size (shares this module's parts)."""
+        h, w = (int(v) for v in self.input_size)
+        return InferenceModule(self.model, self.calibrator, (h, w) if h > 0 and w > 0 else None)
+
+    def check_fitted(self) -> None:
+        """Raise RuntimeError (saying what to do) when the model cannot score images yet."""
+        check = getattr(self.model, "check_fitted", None)
+        if check is not None:
+            check()
+
+    def on_fit_start(self) -> None:
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        if size is not None:
+            self.input_size.copy_(torch.as_tensor(tuple(size), dtype=torch.long))
+
+    # ---- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["adx_threshold_source"] = self.threshold_source
         checkpoint["adx_format"] = CHECKPOINT_FORMAT
         checkpoint["adx_version"] = adx.__version__
         checkpoint["adx_model"] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, type(self).__name__)
-        self.threshold_source = checkpoint.get("adx_threshold_source", "checkpoint")
-
-    # ---- post-processing ---------------------------------------------------------------------
-    @staticmethod
-    def _normalise(x: Tensor, threshold: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        """Min-max normalisation that maps the threshold to 0.5, clamped to [0, 1]."""
-        span = (high - low).clamp_min(1e-12)
-        return ((x - threshold) / span + 0.5).clamp(0.0, 1.0)
-
-    def postprocess(self, scores: Tensor, maps: Tensor) -> dict[str, Tensor]:
-        """Raw scores [B] and maps [B,H,W] -> normalised scores/maps, labels and masks (if calibrated)."""
-        out = {"image_score": scores, "anomaly_map": maps}
-        if self.calibrated:
-            out["pred_score"] = self._normalise(scores, self.image_threshold, self.image_min, self.image_max)
-            out["norm_map"] = self._normalise(maps, self.pixel_threshold, self.pixel_min, self.pixel_max)
-            out["pred_label"] = scores >= self.image_threshold
-            out["pred_mask"] = maps >= self.pixel_threshold
-        return out
 
     # ---- steps -------------------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        scores, maps = self.model(batch["image"])
-        out = self.postprocess(scores, maps)
+    def _evaluate(self, batch: dict[str, Any], calibrated: bool) -> dict[str, Any]:
+        self.check_fitted()
+        out = self.inference_module()(batch["image"])._asdict()
+        if not (calibrated and self.calibrated):
+            out = {k: v for k, v in out.items() if k not in CALIBRATED_KEYS}
         out.update({k: v for k, v in batch.items() if k not in out})
         return out
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        scores, maps = self.model(batch["image"])
-        return {
-            "image_score": scores,
-            "anomaly_map": maps,
-            **{k: v for k, v in batch.items() if k != "image"},
-        }
+        out = self._evaluate(batch, calibrated=False)
+        out.pop("image")
+        return out
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._evaluate(batch)
+        return self._evaluate(batch, calibrated=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return self._evaluate(batch)
+        return self._evaluate(batch, calibrated=True)
 
 
 def check_checkpoint(
@@ -168,58 +160,17 @@ class MemoryBankModule(AnomalyModule):
             self.model.fit()
 
 
-class TrainedModule(AnomalyModule):
-    """Adapter for methods trained by gradient descent on ``model.loss(images)`` (a scalar).
-
-    Logs ``train/loss`` (progress bar) and, on the normal validation images, ``val/loss``, which
-    ``--checkpoint.monitor val/loss`` can select the best checkpoint by. The optimizer and the optional
-    scheduler come from the subclass signature (typed defaults, overridable from the config).
-    """
-
-    def __init__(self, optimizer: Any, scheduler: Any = None, scheduler_interval: str = "epoch") -> None:
-        super().__init__()
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-        self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
-        self.scheduler_interval = scheduler_interval
-
-    def configure_optimizers(self) -> Any:
-        out = build_optimizers(
-            self.model.parameters(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
-        )
-        if isinstance(out, dict):
-            self._follow_trainer(out["lr_scheduler"]["scheduler"])
-        return out
-
-    def on_train_start(self) -> None:
-        # A resumed run restores the scheduler's saved horizon; one that follows the trainer takes the new one.
-        for config in self.trainer.lr_scheduler_configs:
-            self._follow_trainer(config.scheduler)
-
-    def _follow_trainer(self, scheduler: Any) -> None:
-        """A schedule built without its own horizon (``follows_trainer``) ends at trainer.max_epochs."""
-        if getattr(scheduler, "follows_trainer", False):
-            scheduler.set_horizon(self.trainer.max_epochs)
-
-    def _checked(self, loss: Tensor, stage: str) -> Tensor:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{type(self).__name__} {stage} loss is {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}: lower the learning rate (--model.optimizer.lr) or check the input images."
-            )
-        return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self._checked(self.model.loss(batch["image"]), "training")
-        self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["image"])
-        )
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        out = super().validation_step(batch, batch_idx)
-        normal = torch.as_tensor(batch["label"], device=batch["image"].device) == 0
-        if normal.any():
-            loss = self._checked(self.model.loss(batch["image"][normal]), "validation")
-            self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=int(normal.sum()))
-        return out
+def select(batch: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+    """The rows of a batch dict where the bool tensor ``keep`` [B] is True (tensors, lists and feature lists)."""
+    idx = keep.nonzero().flatten()
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim > 0 and len(value) == len(keep):
+            out[key] = value[idx.to(value.device)]
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], Tensor):
+            out[key] = [v[idx.to(v.device)] for v in value]  # per-scale feature lists
+        elif isinstance(value, list | tuple) and len(value) == len(keep):
+            out[key] = [value[i] for i in idx.tolist()]
+        else:
+            out[key] = value
+    return out

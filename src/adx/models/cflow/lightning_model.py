@@ -8,9 +8,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from adx.models.base import TrainedModule
 from adx.models.cflow.torch_model import CFlowModel
+from adx.models.components.feature_cache import CacheMode
 from adx.models.components.optim import spec
+from adx.models.trained import TrainedModule
 
 
 class CFlow(TrainedModule):
@@ -24,27 +25,27 @@ class CFlow(TrainedModule):
         optimizer: the paper's Adam, lr 2e-4.
         scheduler: none by default; the authors' warm-up + cosine schedule is
             ``adx.models.components.flows.WarmupCosineLR`` (see configs/cflow/bottle.yaml).
+        feature_cache: keep the frozen encoder's maps of the training images after the first epoch
+            (``auto``: in memory up to 4 GiB, else on disk; ``off`` recomputes them every epoch).
     """
 
     def __init__(
         self,
         optimizer: OptimizerCallable = spec("torch.optim.Adam", lr=2e-4),
         scheduler: LRSchedulerCallable | None = None,
+        feature_cache: CacheMode = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, feature_cache=feature_cache)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = CFlowModel(**kwargs)
         self.automatic_optimization = False
-
-    def on_train_epoch_start(self) -> None:
-        self.model.reset_reference()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         sums: dict[int, Tensor] = {}
         counts: dict[int, int] = {}
-        for scale, loss, n in self.model.fibre_batches(batch["image"]):
+        for scale, loss, n in self.model.fibre_batches(self.with_features(batch)):
             self._checked(loss, "training")
             opt.zero_grad()
             self.manual_backward(loss)
@@ -61,6 +62,7 @@ class CFlow(TrainedModule):
         return total
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.scheduler_interval == "epoch":
             scheduler.step()

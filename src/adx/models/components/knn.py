@@ -12,7 +12,7 @@ try:  # faiss is a declared dependency, but keep the torch path usable without i
 except ImportError:  # pragma: no cover - exercised only where faiss is missing
     faiss = None
 
-__all__ = ["NearestNeighbours", "faiss_available", "faiss_num_gpus"]
+__all__ = ["NearestNeighbours", "faiss_available", "faiss_num_gpus", "knn_torch"]
 
 # Bound on the float32 elements of one [chunk, M] distance block of the torch backend (64 Mi = 256 MiB).
 _TORCH_BLOCK_ELEMENTS = 1 << 26
@@ -123,25 +123,33 @@ class NearestNeighbours:
 
     def _search_torch(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Chunked exact search on the queries' device: ([N, k] distances, [N, k] indices)."""
-        device = queries.device
-        if self.bank.device != device:
-            self.bank = self.bank.to(device)
+        if self.bank.device != queries.device:
+            self.bank = self.bank.to(queries.device)
             self._bank_sq = None
         if self._bank_sq is None:
             self._bank_sq = self.bank.square().sum(1)
-        bank, bank_sq = self.bank, self._bank_sq
-        n = queries.shape[0]
-        chunk = max(1, _TORCH_BLOCK_ELEMENTS // self.size)
-        dists = torch.empty(n, k, device=device)
-        idxs = torch.empty(n, k, dtype=torch.long, device=device)
-        for start in range(0, n, chunk):
-            q = queries[start : start + chunk]
-            # ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2, the last term added after the top-k (same order)
-            block = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # [c, M]
-            if k == 1:
-                value, index = block.min(dim=1, keepdim=True)
-            else:
-                value, index = torch.topk(block, k, dim=1, largest=False, sorted=True)
-            dists[start : start + chunk] = value.add_(q.square().sum(1, keepdim=True))
-            idxs[start : start + chunk] = index
-        return dists.clamp_min_(0).sqrt_(), idxs
+        return knn_torch(queries, self.bank, k, self._bank_sq)
+
+
+def knn_torch(
+    queries: Tensor, bank: Tensor, k: int = 1, bank_sq: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest rows of ``bank`` [M, D] for ``queries`` [N, D] by chunked matmul + top-k.
+
+    Pure torch with no branches on tensor values, so it traces and exports; chunks bound one [c, M]
+    distance block to 256 MiB. Returns (distances [N, k] >= 0 sorted ascending, indices [N, k] int64).
+    """
+    if bank_sq is None:
+        bank_sq = bank.square().sum(1)
+    chunk = max(1, _TORCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    dists, idxs = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk]
+        # ||q - b||^2 = ||b||^2 - 2 q.b + ||q||^2, the last term added after the top-k (same order)
+        block = torch.addmm(bank_sq, q, bank.T, alpha=-2.0)  # [c, M]
+        value, index = torch.topk(block, k, dim=1, largest=False, sorted=True)
+        dists.append(value + q.square().sum(1, keepdim=True))
+        idxs.append(index)
+    if not dists:
+        return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=queries.device)
+    return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(idxs)

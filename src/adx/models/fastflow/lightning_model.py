@@ -6,9 +6,10 @@ from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from adx.models.base import TrainedModule
+from adx.models.components.feature_cache import CacheMode
 from adx.models.components.optim import spec
 from adx.models.fastflow.torch_model import FastFlowModel
+from adx.models.trained import TrainedModule
 
 
 class FastFlow(TrainedModule):
@@ -17,23 +18,21 @@ class FastFlow(TrainedModule):
     Args:
         optimizer: the paper's Adam, lr 1e-3, weight decay 1e-5.
         scheduler: none in the paper.
+        feature_cache: keep the frozen backbone's features of the training images after the first epoch
+            (``auto``: in memory up to 4 GiB, else on disk; ``off`` recomputes them every epoch).
     """
 
     def __init__(
         self,
         optimizer: OptimizerCallable = spec("torch.optim.Adam", lr=1e-3, weight_decay=1e-5),
         scheduler: LRSchedulerCallable | None = None,
+        feature_cache: CacheMode = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, feature_cache=feature_cache)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = FastFlowModel(**kwargs)
 
-    def on_train_epoch_start(self) -> None:
-        self.model.begin_map_reference()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.model.trained_steps += 1
-        # the epoch's maps become the reference before validation and checkpointing see the model
-        if batch_idx == self.trainer.num_training_batches - 1:
-            self.model.end_map_reference()
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the map reference after the last batch

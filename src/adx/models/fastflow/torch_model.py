@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ class FastFlowModel(DynamicBuffers):
         strides: Sequence[int] = (4, 8, 16),
         weights: str | None = None,
         pretrained: bool = True,
+        normalization: str = "backbone",
         flow_steps: int = 8,
         hidden_ratio: float = 1.0,
         conv3x3_only: bool = False,
@@ -39,6 +41,8 @@ class FastFlowModel(DynamicBuffers):
             strides: feature maps used, by stride (the paper's ResNet layers 1-3 = 4, 8, 16).
             weights: explicit weights file (state dict or .safetensors) for the backbone.
             pretrained: False runs with random weights (tests only).
+            normalization: input normalisation: ``backbone`` (the weights' own mean/std), ``imagenet``,
+                ``none`` or ``m1,m2,m3/s1,s2,s3`` (see docs/normalization.md).
             flow_steps: coupling blocks per scale (paper: 8 for ResNet18 and WideResNet50).
             hidden_ratio: subnet hidden channels / input channels (paper: 1.0 for ResNet18).
             conv3x3_only: every subnet uses 3x3 convs; False alternates 3x3 and 1x1 blocks.
@@ -59,7 +63,7 @@ class FastFlowModel(DynamicBuffers):
             raise ValueError(f"clamp must be > 0, got {clamp}: use e.g. --model.clamp 2.0")
         if len(strides) < 1:
             raise ValueError("strides must name at least one feature map, e.g. --model.strides [4,8,16]")
-        self.backbone = Backbone(backbone, strides, weights, pretrained)
+        self.backbone = Backbone(backbone, strides, weights, pretrained, normalization=normalization)
         self.flow_steps, self.hidden_ratio, self.conv3x3_only, self.clamp = (
             flow_steps,
             hidden_ratio,
@@ -76,66 +80,71 @@ class FastFlowModel(DynamicBuffers):
         # per-pixel mean / std of the training maps at the training image size (zscore_map)
         self.register_buffer("map_mean", torch.zeros(0, 0))
         self.register_buffer("map_std", torch.zeros(0, 0))
-        self._map_sums: list[Tensor] | None = None
 
     def _subnet(self, step: int):  # noqa: ANN202
         kernel = 1 if step % 2 == 1 and not self.conv3x3_only else 3
         return conv_subnet(kernel, self.hidden_ratio)
 
-    def features(self, images: Tensor) -> list[Tensor]:
+    def frozen_features(self, images: Tensor) -> list[Tensor]:
         """Images [B,3,H,W] in [0,1] -> per-scale features [B,C,h,w], layer-normalised over (C,h,w)."""
         with torch.no_grad():
             feats = self.backbone(images)
         return [F.layer_norm(f.float().contiguous(), f.shape[1:]) for f in feats]
 
-    def encode(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Images -> per-scale latents z [B,C,h,w] and log|det J| [B]."""
+    def encode(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-scale features -> per-scale latents z [B,C,h,w] and log|det J| [B]."""
         zs, log_dets = [], []
-        for flow, feat in zip(self.flows, self.features(images), strict=True):
+        for flow, feat in zip(self.flows, feats, strict=True):
             z, log_det = flow(feat)
             zs.append(z)
             log_dets.append(log_det)
         return zs, log_dets
 
-    def loss(self, images: Tensor) -> Tensor:
-        """Negative log-likelihood: sum over scales of the batch mean of 0.5 |z|^2 - log|det J|.
+    def _features(self, batch: dict[str, Any]) -> list[Tensor]:
+        feats = batch.get("features")
+        return feats if feats is not None else self.frozen_features(batch["image"])
 
-        In training mode with ``zscore_map``, also adds the batch's maps to the running per-pixel sums
-        that :meth:`end_map_reference` turns into the reference.
-        """
-        zs, log_dets = self.encode(images)
-        if self.zscore_map and self.training and self._map_sums is not None:
-            self._collect(self.paper_map(zs, tuple(images.shape[-2:])).detach().double())
+    def loss(self, batch: dict[str, Any]) -> Tensor:
+        """Negative log-likelihood: sum over scales of the batch mean of 0.5 |z|^2 - log|det J|."""
+        zs, log_dets = self.encode(self._features(batch))
         return sum(
             (0.5 * z.pow(2).flatten(1).sum(1) - log_det).mean()
             for z, log_det in zip(zs, log_dets, strict=True)
         )
 
-    def _collect(self, maps: Tensor) -> None:
-        if not self._map_sums:
-            self._map_sums = [torch.zeros(()), torch.zeros_like(maps[0]), torch.zeros_like(maps[0])]
-        count, total, squares = self._map_sums
-        if total.shape != maps.shape[-2:]:
-            raise ValueError(
-                f"zscore_map needs one training image size, got {tuple(maps.shape[-2:])} after "
-                f"{tuple(total.shape)}: resize the images to one size (data.image_size)"
-            )
-        self._map_sums = [count + len(maps), total + maps.sum(0), squares + maps.pow(2).sum(0)]
-
-    def begin_map_reference(self) -> None:
-        """Start collecting training maps (the Lightning adapter calls it at each epoch start)."""
-        self._map_sums = []
-
-    def end_map_reference(self) -> None:
-        """Set ``map_mean`` / ``map_std`` from the maps collected since :meth:`begin_map_reference`."""
-        if not self._map_sums:
+    @torch.no_grad()
+    def fit_reference(self, batches: Iterable[dict[str, Any]]) -> None:
+        """With ``zscore_map``: per-pixel mean and std of the training maps under the current weights."""
+        if not self.zscore_map:
             return
-        n, total, squares = self._map_sums
+        n, total, squares = 0, None, None
+        for batch in batches:
+            maps = self.paper_map(self.encode(self._features(batch))[0], tuple(batch["image"].shape[-2:]))
+            maps = maps.double()
+            if total is None:
+                total, squares = torch.zeros_like(maps[0]), torch.zeros_like(maps[0])
+            elif total.shape != maps.shape[-2:]:
+                raise ValueError(
+                    f"zscore_map needs one training image size, got {tuple(maps.shape[-2:])} after "
+                    f"{tuple(total.shape)}: resize the images to one size (data.image_size)"
+                )
+            n, total, squares = n + len(maps), total + maps.sum(0), squares + maps.pow(2).sum(0)
+        if total is None:
+            raise RuntimeError("FastFlow zscore_map: no training images to compute the map reference from")
         mean = total / n
         std = (squares / n - mean.pow(2)).clamp_min(0).sqrt()
         self.map_mean = mean.float()
         self.map_std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12).float()
-        self._map_sums = None
+
+    def check_fitted(self) -> None:
+        """Raise RuntimeError unless the flows were trained (and the zscore_map reference is set)."""
+        if int(self.trained_steps) == 0:
+            raise RuntimeError("FastFlow has not been trained: fit it (adx fit) or load a checkpoint")
+        if self.zscore_map and self.map_mean.numel() == 0:
+            raise RuntimeError(
+                "FastFlow with zscore_map has no map reference: it is set after each training epoch; re-fit "
+                "the model (a checkpoint trained without zscore_map has none)"
+            )
 
     @staticmethod
     def paper_map(zs: list[Tensor], size: tuple[int, int]) -> Tensor:
@@ -157,19 +166,12 @@ class FastFlowModel(DynamicBuffers):
         The paper's map lies in [-1, 0]; with ``zscore_map`` each pixel is (map - mean) / std against
         the training maps, whose reference is resized when the input size differs from training's.
         """
-        if int(self.trained_steps) == 0:
-            raise RuntimeError("FastFlow has not been trained: fit it (adx fit) or load a checkpoint")
-        zs, _ = self.encode(images)
-        size = tuple(images.shape[-2:])
+        zs, _ = self.encode(self.frozen_features(images))
+        size = (images.shape[-2], images.shape[-1])
         anomaly_map = self.paper_map(zs, size)
         if self.zscore_map:
-            if self.map_mean.numel() == 0:
-                raise RuntimeError(
-                    "FastFlow with zscore_map has no map reference: it is set during training; re-fit the "
-                    "model (a checkpoint trained without zscore_map has none)"
-                )
             mean, std = self.map_mean, self.map_std
-            if tuple(mean.shape) != size:
+            if tuple(mean.shape) != tuple(size):
                 ref = F.interpolate(
                     torch.stack([mean, std])[None], size=size, mode="bilinear", align_corners=False
                 )

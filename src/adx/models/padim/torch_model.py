@@ -22,6 +22,7 @@ class PadimModel(DynamicBuffers):
         strides: Sequence[int] = (4, 8, 16),
         weights: str | None = None,
         pretrained: bool = True,
+        normalization: str = "backbone",
         n_features: int | None = 100,
         epsilon: float = 0.01,
         blur_sigma: float = 4.0,
@@ -34,13 +35,15 @@ class PadimModel(DynamicBuffers):
             strides: feature maps used, by stride; they are upsampled to the finest and concatenated.
             weights: explicit weights file (state dict or .safetensors) for the backbone.
             pretrained: False runs with random weights (tests only).
+            normalization: input normalisation: ``backbone`` (the weights' own mean/std), ``imagenet``,
+                ``none`` or ``m1,m2,m3/s1,s2,s3`` (see docs/normalization.md).
             n_features: size of the random channel subset (None keeps all channels).
             epsilon: ridge added to each covariance diagonal.
             blur_sigma: Gaussian smoothing of the upsampled map, in pixels.
             seed: seed of the channel subset.
         """
         super().__init__()
-        self.backbone = Backbone(backbone, strides, weights, pretrained)
+        self.backbone = Backbone(backbone, strides, weights, pretrained, normalization=normalization)
         total = sum(self.backbone.channels)
         if n_features is not None and not 0 < n_features <= total:
             raise ValueError(
@@ -81,10 +84,13 @@ class PadimModel(DynamicBuffers):
         self.inv_cov = torch.linalg.inv(cov).float()
         self._n, self._sum, self._outer = 0, None, None
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Images [B,3,H,W] -> image scores [B] (map maxima) and anomaly maps [B,H,W]."""
+    def check_fitted(self) -> None:
+        """Raise RuntimeError when no Gaussians were fitted."""
         if len(self.mean) == 0:
             raise RuntimeError("PaDiM is not fitted: run adx fit or load a checkpoint")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B,3,H,W] -> image scores [B] (map maxima) and anomaly maps [B,H,W]."""
         emb = self.embed(images)
         b, d, h, w = emb.shape
         if h * w != len(self.mean):
@@ -94,5 +100,5 @@ class PadimModel(DynamicBuffers):
             )
         delta = emb.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]
         dist = (torch.bmm(delta, self.inv_cov) * delta).sum(-1).clamp_min(0).sqrt()  # [P,B]
-        maps = to_image_size(dist.T.reshape(b, h, w), tuple(images.shape[-2:]), self.blur_sigma)
+        maps = to_image_size(dist.T.reshape(b, h, w), (images.shape[-2], images.shape[-1]), self.blur_sigma)
         return maps.flatten(1).max(1).values, maps

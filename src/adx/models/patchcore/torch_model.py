@@ -10,7 +10,7 @@ from torch import Tensor
 
 from adx.models.components.backbone import Backbone
 from adx.models.components.coreset import greedy_coreset, sample_size
-from adx.models.components.knn import NearestNeighbours
+from adx.models.components.knn import NearestNeighbours, knn_torch
 from adx.models.components.maps import DynamicBuffers, align_and_concat, to_image_size
 
 
@@ -25,6 +25,7 @@ class PatchCoreModel(DynamicBuffers):
         strides: Sequence[int] = (8, 16),
         weights: str | None = None,
         pretrained: bool = True,
+        normalization: str = "backbone",
         patch_size: int = 3,
         embed_dim: int | None = None,
         coreset_ratio: float = 0.1,
@@ -33,6 +34,7 @@ class PatchCoreModel(DynamicBuffers):
         blur_sigma: float = 4.0,
         seed: int = 0,
         progress: bool = True,
+        knn: str = "auto",
     ) -> None:
         """PatchCore.
 
@@ -41,6 +43,8 @@ class PatchCoreModel(DynamicBuffers):
             strides: feature maps used, by stride (the paper's WideResNet50 layer2+layer3 = 8 and 16).
             weights: explicit weights file (state dict or .safetensors) for the backbone.
             pretrained: False runs with random weights (tests only).
+            normalization: input normalisation: ``backbone`` (the weights' own mean/std), ``imagenet``,
+                ``none`` or ``m1,m2,m3/s1,s2,s3`` (see docs/normalization.md).
             patch_size: side of the local neighbourhood averaged around each patch.
             embed_dim: target dimension of the paper's channel pooling (None keeps all channels).
             coreset_ratio: fraction of training patches kept in the memory bank.
@@ -49,6 +53,8 @@ class PatchCoreModel(DynamicBuffers):
             blur_sigma: Gaussian smoothing of the upsampled map, in pixels.
             seed: seed of the coreset start point and projection.
             progress: show a progress bar with ETA for the coreset.
+            knn: nearest-neighbour search: ``auto`` (faiss where installed, else torch), ``faiss`` or
+                ``torch`` (chunked matmul + top-k; the path traced for export, equal within float rounding).
         """
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
@@ -56,14 +62,18 @@ class PatchCoreModel(DynamicBuffers):
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
         sample_size(1, coreset_ratio)  # validates the ratio before any work
-        self.backbone = Backbone(backbone, strides, weights, pretrained)
+        if knn not in ("auto", "faiss", "torch"):
+            raise ValueError(f"knn must be auto, faiss or torch, got {knn!r}: fix --model.knn")
+        self.backbone = Backbone(backbone, strides, weights, pretrained, normalization=normalization)
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.blur_sigma, self.progress = num_neighbors, blur_sigma, progress
         dim = embed_dim or sum(self.backbone.channels)
         self.register_buffer("memory_bank", torch.empty(0, dim))
+        self.knn = knn
         self._chunks: list[Tensor] = []
-        self._index: NearestNeighbours | None = None
+        self._index: NearestNeighbours | None = None  # built when the bank is set (fit, load, device move)
+        self.register_load_state_dict_post_hook(lambda module, _: module.build_index())
 
     def embed(self, images: Tensor) -> Tensor:
         """Images [B,3,H,W] in [0,1] -> patch embeddings [B,D,H/s,W/s] at the finest stride s."""
@@ -91,30 +101,40 @@ class PatchCoreModel(DynamicBuffers):
             pool, n, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress
         )
         self.memory_bank = pool[idx].to(self.memory_bank.device)
-        self._index = None
+        self.build_index()
 
-    @property
-    def index(self) -> NearestNeighbours:
-        """Nearest-neighbour index over the memory bank (rebuilt after fit or load)."""
-        if len(self.memory_bank) == 0:
-            raise RuntimeError("PatchCore has an empty memory bank: fit it (adx fit) or load a checkpoint")
-        if self._index is None or self._index.size != len(self.memory_bank):
-            self._index = NearestNeighbours(self.memory_bank)
-        return self._index
+    def build_index(self) -> None:
+        """(Re)build the faiss index over the memory bank; the torch path needs none."""
+        self._index = None
+        if self.knn != "torch" and len(self.memory_bank) > 0:
+            self._index = NearestNeighbours(self.memory_bank, backend=None if self.knn == "auto" else "faiss")
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        self._index = None  # device or dtype changed: rebuild the index lazily
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self.build_index()  # device or dtype changed
+        return out
+
+    def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """k nearest memory-bank rows of queries [N,D]: the index when built and not tracing, else torch."""
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if self._index is None or tracing:
+            return knn_torch(queries, self.memory_bank, k)
+        return self._index.search(queries, k)
+
+    def check_fitted(self) -> None:
+        """Raise RuntimeError when the memory bank is empty."""
+        if len(self.memory_bank) == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it (adx fit) or load a checkpoint")
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images [B,3,H,W] -> image scores [B] and anomaly maps [B,H,W]."""
         emb = self.embed(images)
         b, d, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        dist, nn_idx = self.index.search(patches, k=1)
+        dist, nn_idx = self.search(patches, k=1)
         dist, nn_idx = dist.view(b, h * w), nn_idx.view(b, h * w)
         scores = self._image_scores(patches.view(b, h * w, d), dist, nn_idx)
-        maps = to_image_size(dist.view(b, h, w), tuple(images.shape[-2:]), self.blur_sigma)
+        maps = to_image_size(dist.view(b, h, w), (images.shape[-2], images.shape[-1]), self.blur_sigma)
         return scores, maps
 
     def _image_scores(self, patches: Tensor, dist: Tensor, nn_idx: Tensor) -> Tensor:
@@ -125,7 +145,7 @@ class PatchCoreModel(DynamicBuffers):
         rows = torch.arange(len(where), device=where.device)
         m_star = nn_idx[rows, where]  # bank index of the nearest neighbour of the most anomalous patch
         k = min(self.num_neighbors, len(self.memory_bank))
-        _, support = self.index.search(self.memory_bank[m_star], k=k)  # [B,k], support[:,0] is m_star
+        _, support = self.search(self.memory_bank[m_star], k=k)  # [B,k], support[:,0] is m_star
         test_patch = patches[rows, where]  # [B,D]
         d_support = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=-1)
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
