@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -23,11 +24,35 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def in_ci() -> bool:
+    """True when the CI runner runs the tests (it sets CI=true)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def has_shared_data() -> bool:
+    return (SHARED_DATA / "mvtec_ad" / "screw").is_dir()
+
+
+def no_shared_data() -> NoReturn:
+    """Skip a test that needs ../shared/data when it is absent, or fail it in CI, where it must run."""
+    message = f"real data not found at {SHARED_DATA} (set ADX_SHARED_DATA=/path/to/shared/data)"
+    if in_ci():
+        pytest.fail(f"{message}: with CI=true, tests that need real data must run, not skip", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In CI a ``real_data`` test fails, instead of skipping itself, when ../shared/data is absent."""
+    if in_ci() and item.get_closest_marker("real_data") is not None and not has_shared_data():
+        no_shared_data()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real MVTec-layout images of ../shared/data (skip when absent)."""
-    if not (SHARED_DATA / "mvtec_ad" / "screw").is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set ADX_SHARED_DATA)")
+    """The real MVTec-layout images of ../shared/data (skip when absent; in CI, fail)."""
+    if not has_shared_data():
+        no_shared_data()
     return SHARED_DATA
 
 

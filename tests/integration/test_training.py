@@ -173,3 +173,47 @@ def test_paper_config_is_one_command(method: str, tmp_path: Path) -> None:
     report = json.loads((run / "metrics.json").read_text())
     assert report["fit"]["epochs"] == 1 and math.isfinite(report["fit"]["train/loss_epoch"])
     assert 0.0 <= report["metrics"]["image_AUROC"] <= 1.0
+
+
+@pytest.mark.parametrize(("model", "modes"), [("fastflow", ("memory", "disk")), ("cflow", ("memory",))])
+def test_frozen_feature_cache_leaves_training_unchanged(
+    tmp_path: Path, model: str, modes, monkeypatch
+) -> None:
+    """Cached epochs skip the backbone (counted) yet train to the same weights, in memory and on disk."""
+    from adx.models.components import extractor
+
+    calls = {"n": 0}
+    forward = extractor.Backbone.forward
+
+    def counting(self, images):
+        calls["n"] += len(images)
+        return forward(self, images)
+
+    monkeypatch.setattr(extractor.Backbone, "forward", counting)
+    states, backbone_images = {}, {}
+    for mode in ("off", *modes):
+        runs = tmp_path / mode
+        args = _args(tmp_path / "data", runs, "--trainer.max_epochs", "2", "--model.feature_cache", mode)
+        args[2] = str(CONFIGS / model / "demo.yaml")
+        if model == "cflow":
+            args += [
+                "--model.coupling_blocks",
+                "2",
+                "--model.strides",
+                "[4, 8]",
+                "--model.fiber_batch_size",
+                "64",
+            ]
+        calls["n"] = 0
+        main([*args, "--test_after_fit", "false"])
+        (run,) = runs.glob(f"{model}/synthetic/*/v*")
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        states[mode] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        backbone_images[mode] = calls["n"]
+    for mode in modes:
+        assert states[mode].keys() == states["off"].keys()
+        for key, value in states["off"].items():
+            torch.testing.assert_close(states[mode][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+        # cached: the backbone sees each training and validation image once; uncached, every epoch's
+        # training, reference and validation passes run it again
+        assert backbone_images[mode] == backbone_images[modes[0]] < backbone_images["off"], backbone_images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -278,19 +277,16 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
-def test_synthetic_deterministic_fast_and_cached(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_synthetic_deterministic_and_cached(tmp_path: Path) -> None:
     a = make_synthetic(tmp_path / "a")
-    assert time.perf_counter() - start < 3.0
     b = make_synthetic(tmp_path / "b")
     files = _tree_bytes(a)
     assert files == _tree_bytes(b) and len(files) == 40 + 10 + 20 + 20
     c = make_synthetic(tmp_path / "c", seed=1)
     assert _tree_bytes(c) != files
-    stamp = (a / "train/good/000.png").stat().st_mtime_ns
-    start = time.perf_counter()
-    make_synthetic(a)
-    assert time.perf_counter() - start < 0.2 and (a / "train/good/000.png").stat().st_mtime_ns == stamp
+    stamps = {p: p.stat().st_mtime_ns for p in a.rglob("*.png")}
+    make_synthetic(a)  # cached: no file is rewritten
+    assert {p: p.stat().st_mtime_ns for p in a.rglob("*.png")} == stamps
     make_synthetic(a, n_train=5)  # different parameters: regenerated
     assert len(list((a / "train/good").iterdir())) == 5
 

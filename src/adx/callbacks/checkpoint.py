@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -12,26 +15,18 @@ class Checkpoint(ModelCheckpoint):
     Lightning writes ``last.ckpt`` only in a step where a top-k checkpoint was written, so with nothing
     to rank by (adx sets ``save_top_k`` 0 when no ``monitor`` is given) a run killed at epoch 40 of 50
     left no checkpoint to resume from. Here ``last.ckpt`` is written at the end of every epoch instead
-    (every ``every_n_epochs``-th, when that is set).
+    (every ``every_n_epochs``-th, when that is set), after validation, so it holds that epoch's
+    calibration. Only public Lightning APIs are used (``Trainer.save_checkpoint``).
     """
+
+    def __init__(self, *args: Any, every_n_epochs: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, every_n_epochs=every_n_epochs, **kwargs)
+        self.last_every = every_n_epochs if every_n_epochs is not None else 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_only(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_only(trainer)
-
-    def _save_last_only(self, trainer: pl.Trainer) -> None:
-        every = self._every_n_epochs
-        due = every >= 1 and (trainer.current_epoch + 1) % every == 0  # --checkpoint.every_n_epochs
-        if (
-            due
-            and self.save_top_k == 0
-            and self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        due = self.last_every >= 1 and (trainer.current_epoch + 1) % self.last_every == 0
+        if due and self.save_top_k == 0 and self.save_last and self.dirpath and not trainer.sanity_checking:
+            trainer.save_checkpoint(
+                str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            )

@@ -1,0 +1,406 @@
+"""Write the tables of docs/benchmarks.md from the raw reports under docs/bench/, so the two cannot drift.
+
+    python tools/bench_tables.py            # rewrite the generated tables in place
+    python tools/bench_tables.py --check    # exit 1 (with a diff) when a table differs from its JSON
+
+Exit status 2: a declared report or key is missing, or a marker is missing, unknown or unclosed.
+
+A generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in the Markdown; this
+script owns those lines and leaves everything else (prose, commands, hand-written tables) alone. Each
+table is declared in TABLES below: its columns (header + where the value is in the JSON + how it is
+printed) and its rows (a label and the JSON file(s) the row is read from). To add a measured row, put
+its report in docs/bench/, add a row here and run the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+BENCH = ROOT / "docs" / "bench"
+BLOCK = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# formatting: half-up rounding of the number as written in the JSON (8.25 -> 8.3, as a person rounds)
+
+
+def fixed(digits: int) -> Callable[[Any], str]:
+    """A formatter with ``digits`` decimals, rounded half up."""
+
+    def fmt(value: Any) -> str:
+        step = Decimal(1).scaleb(-digits)
+        return str(Decimal(repr(float(value))).quantize(step, rounding=ROUND_HALF_UP))
+
+    return fmt
+
+
+def whole(value: Any) -> str:
+    """A whole number with thousands separators: 1763.4 -> 1,763."""
+    return f"{int(Decimal(repr(float(value))).quantize(Decimal(1), rounding=ROUND_HALF_UP)):,}"
+
+
+def text(value: Any) -> str:
+    return str(value)
+
+
+def ratio(digits: int, suffix: str = "x") -> Callable[[Any], str]:
+    return lambda value: fixed(digits)(value) + suffix
+
+
+def image_size(value: Sequence[int] | int) -> str:
+    """``[320, 320]`` -> 320, ``[400, 200]`` -> 400x200 (H x W)."""
+    h, w = (value, value) if isinstance(value, int) else value
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def dataset(data: dict[str, Any]) -> str:
+    """``mvtec_ad/screw``, or ``magnetic_tile`` where dataset and category share the name."""
+    name, category = data["name"], data["category"]
+    return name if name == category else f"{name}/{category}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# declarations
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column: header, the row's source and dotted path of the value, and its formatter."""
+
+    header: str
+    source: str
+    path: str = ""
+    fmt: Callable[[Any], str] = text
+    missing: str | None = None  # printed when the value is absent (None: an error)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row: its label (the ``label`` source) and the JSON file of each other source, relative to docs/bench."""
+
+    label: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Columns x rows; each cell is a column's value in its row's JSON."""
+
+    columns: list[Col]
+    rows: list[Row]
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A table with one row per quantity, read from one report."""
+
+    header: list[str]
+    file: str
+    rows: list[Callable[[dict[str, Any]], list[str]]]
+
+
+def lookup(tree: Any, path: str) -> Any:
+    """``tree["a"]["b"]`` for path ``a.b`` (``a.0`` indexes lists); the whole tree for an empty path."""
+    for part in path.split(".") if path else []:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+def quality_row(label: str, model: str, category: str) -> Row:
+    """A row of the PatchCore/PaDiM quality table: tools/bench.py's report and the run's metrics.json."""
+    return Row(label, {"bench": f"{model}_{category}.json", "run": f"{model}_{category}_metrics.json"})
+
+
+def flow_row(label: str, stem: str) -> Row:
+    return Row(label, {"run": f"{stem}_metrics.json"})
+
+
+QUALITY = Table(
+    columns=[
+        Col("model", "label"),
+        Col("category", "run", "data", dataset),
+        Col("image size", "run", "data.image_size", image_size),
+        Col("image AUROC", "bench", "adx.metrics.image_AUROC", fixed(3)),
+        Col("pixel AUROC", "bench", "adx.metrics.pixel_AUROC", fixed(3)),
+        Col("AUPRO (FPR 0.3)", "bench", "adx.metrics.AUPRO", fixed(3)),
+        Col("image F1-max", "bench", "adx.metrics.image_F1max", fixed(3)),
+        Col("fit, s", "bench", "adx.fit_s", whole),
+        Col("test, images/s", "bench", "adx.test_img_per_s", fixed(1)),
+        Col("latency, ms/image", "bench", "adx.latency.ms_per_image", whole),
+        Col("peak RSS, MB", "bench", "adx.peak_rss_mb", whole),
+    ],
+    rows=[
+        quality_row("PatchCore (10 % coreset)", "patchcore", "screw"),
+        quality_row("PatchCore (1 % coreset) ¹", "patchcore", "magnetic_tile"),
+        quality_row("PatchCore (10 % coreset)", "patchcore", "juice_bottle"),
+        quality_row("PaDiM (100 of 176 channels)", "padim", "screw"),
+        quality_row("PaDiM", "padim", "magnetic_tile"),
+        quality_row("PaDiM", "padim", "juice_bottle"),
+    ],
+)
+
+# fit seconds, whole-command seconds and peak RSS of these runs were not recorded in their metrics.json:
+# they stay in a hand-written table next to the generated one
+FLOW_COLUMNS = [
+    Col("model", "label"),
+    Col("category", "run", "data", dataset),
+    Col("epochs", "run", "fit.epochs"),
+    Col("image AUROC", "run", "metrics.image_AUROC", fixed(3)),
+    Col("pixel AUROC", "run", "metrics.pixel_AUROC", fixed(3)),
+    Col("AUPRO (FPR 0.3)", "run", "metrics.AUPRO", fixed(3)),
+    Col("image F1-max", "run", "metrics.image_F1max", fixed(3)),
+    Col("pixel F1-max", "run", "metrics.pixel_F1max", fixed(3)),
+    Col("test, images/s", "run", "test_images_per_second", fixed(1)),
+]
+CATEGORIES = ("screw", "magnetic_tile", "juice_bottle")
+
+FLOWS = Table(
+    FLOW_COLUMNS,
+    [flow_row("FastFlow", f"fastflow_{c}") for c in CATEGORIES]
+    + [flow_row("CFlow", f"cflow_{c}") for c in CATEGORIES],
+)
+FLOWS_LONG = Table(
+    FLOW_COLUMNS,
+    [flow_row("FastFlow", f"fastflow50_{c}") for c in CATEGORIES]
+    + [flow_row("FastFlow, `zscore_map`", f"fastflow50_zscore_{c}") for c in CATEGORIES]
+    + [flow_row("CFlow", f"cflow40_{c}") for c in CATEGORIES],
+)
+
+TRAIN_VS_PEER = Table(
+    columns=[
+        Col("method", "label"),
+        Col("adx, images/s", "r", "adx.train_img_per_s", fixed(1)),
+        Col("anomalib 2.7, images/s", "r", "peer.train_img_per_s", fixed(1)),
+        Col("ratio", "r", "train_throughput_ratio", ratio(2)),
+        Col(
+            "peak RSS adx / peer, MB",
+            "r",
+            "",
+            lambda r: f"{whole(r['adx']['peak_rss_mb'])} / {whole(r['peer']['peak_rss_mb'])}",
+        ),
+    ],
+    rows=[
+        Row("FastFlow", {"r": "fastflow_train_vs_peer.json"}),
+        Row("CFlow", {"r": "cflow_train_vs_peer.json"}),
+    ],
+)
+
+
+def _less(r: dict[str, Any]) -> str:
+    return ratio(1, "x less")(r["peer"]["peak_rss_mb"] / r["adx"]["peak_rss_mb"])
+
+
+def _both(
+    label: str, adx: str, peer: str, fmt: Callable[[Any], str], last: Callable[[Any], str], note: str = ""
+) -> Callable[[dict[str, Any]], list[str]]:
+    """A row of the transposed peer table: adx's value, the peer's and the ratio column."""
+    return lambda r: [
+        label.format(n=r["peer"]["n_test"], batch=r["adx"]["latency"]["batch"]),
+        fmt(lookup(r, adx)),
+        fmt(lookup(r, peer)) + note if peer else "n/a",
+        last(r),
+    ]
+
+
+def _none(r: dict[str, Any]) -> str:
+    return ""
+
+
+PATCHCORE_VS_PEER = Transposed(
+    header=["", "adx", "anomalib 2.7", "ratio"],
+    file="patchcore_screw_vs_peer.json",
+    rows=[
+        _both(
+            "fit (features + coreset + index), s",
+            "adx.fit_s",
+            "peer.fit_s",
+            fixed(1),
+            lambda r: ratio(1, "x faster")(r["ratios"]["fit_speedup"]),
+        ),
+        _both(
+            "test loop, images/s ({n} images)",
+            "adx.test_img_per_s",
+            "peer.test_img_per_s",
+            fixed(1),
+            lambda r: ratio(1)(r["ratios"]["test_throughput_ratio"]),
+        ),
+        _both(
+            "whole `adx test --ckpt` command, images/s (config, model and checkpoint loading included)",
+            "adx.test_cmd_img_per_s",
+            "peer.test_img_per_s",
+            fixed(1),
+            lambda r: ratio(1)(r["ratios"]["test_cmd_throughput_ratio"]),
+            note=" ¹",  # the footnote under the table: the peer's figure excludes its start-up
+        ),
+        _both(
+            "pure model latency, ms/image (batch {batch}, no loading or metrics)",
+            "adx.latency.ms_per_image",
+            "",
+            fixed(1),
+            _none,
+        ),
+        _both("peak RSS, MB", "adx.peak_rss_mb", "peer.peak_rss_mb", whole, _less),
+        _both("image AUROC", "adx.metrics.image_AUROC", "peer.metrics.image_AUROC", fixed(3), _none),
+        _both("pixel AUROC", "adx.metrics.pixel_AUROC", "peer.metrics.pixel_AUROC", fixed(3), _none),
+    ],
+)
+
+
+# docs/bench/floor_<method>.json: the metrics.json of the run that set a CI floor
+# (tests/integration/test_quality_floor.py), with the command, date, floor and repeat run added
+FLOOR = Table(
+    columns=[
+        Col("model", "label"),
+        Col("category", "run", "data", dataset),
+        Col("image size", "run", "data.image_size", image_size),
+        Col("epochs", "run", "fit.epochs", missing="-"),
+        Col("image AUROC", "run", "metrics.image_AUROC", fixed(3)),
+        Col("repeat", "run", "repeat.metrics.image_AUROC", fixed(3)),
+        Col("floor", "run", "floor.image_AUROC", fixed(3)),
+        Col("pixel AUROC", "run", "metrics.pixel_AUROC", fixed(3)),
+        Col("floor", "run", "floor.pixel_AUROC", fixed(3), missing="-"),
+        Col("test time, s", "run", "test_call_s", whole),
+    ],
+    rows=[
+        Row(label, {"run": f"floor_{method}.json"})
+        for label, method in [
+            ("PatchCore, offline config", "patchcore"),
+            ("PaDiM, offline config", "padim"),
+            ("FastFlow, short schedule", "fastflow"),
+            ("CFlow, short schedule", "cflow"),
+        ]
+    ],
+)
+
+TABLES: dict[str, Table | Transposed] = {
+    "quality": QUALITY,
+    "patchcore-vs-peer": PATCHCORE_VS_PEER,
+    "flows": FLOWS,
+    "flows-long": FLOWS_LONG,
+    "train-vs-peer": TRAIN_VS_PEER,
+    "floor": FLOOR,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# building and writing
+
+
+class TableError(Exception):
+    """A declared table that cannot be built (missing file or key), or a marker problem in the Markdown."""
+
+
+def _cell(col: Col, data: dict[str, Any]) -> str:
+    try:
+        value = lookup(data[col.source], col.path)
+    except (KeyError, IndexError):
+        if col.missing is None:
+            raise
+        return col.missing
+    return col.fmt(value)
+
+
+def build_table(name: str, bench: Path) -> str:
+    """The Markdown lines of table ``name`` from the JSON under ``bench``."""
+    spec = TABLES[name]
+    files = (
+        [spec.file]
+        if isinstance(spec, Transposed)
+        else sorted({f for r in spec.rows for f in r.files.values()})
+    )
+    missing = [str(bench / f) for f in files if not (bench / f).is_file()]
+    if missing:
+        raise TableError(f"table {name}: missing report(s) {', '.join(missing)}")
+    reports = {f: json.loads((bench / f).read_text()) for f in files}
+    try:
+        if isinstance(spec, Transposed):
+            header, body = spec.header, [row(reports[spec.file]) for row in spec.rows]
+        else:
+            header = [c.header for c in spec.columns]
+            body = []
+            for row in spec.rows:
+                data = {src: reports[f] for src, f in row.files.items()} | {"label": row.label}
+                body.append([_cell(c, data) for c in spec.columns])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise TableError(f"table {name}: no value for {exc!r} in {', '.join(files)}") from exc
+    rows = ["| " + " | ".join(cells) + " |" for cells in [header, *body]]
+    rows.insert(1, "|" + "---|" * len(header))
+    return "".join(row.replace("|  |", "| |") + "\n" for row in rows)
+
+
+def render(doc: str, bench: Path) -> str:
+    """``doc`` with every generated table rewritten from the JSON under ``bench``."""
+    found = [m.group("name") for m in BLOCK.finditer(doc)]
+    unknown = sorted(set(found) - set(TABLES))
+    if unknown:
+        raise TableError(f"markers for undeclared table(s) {', '.join(unknown)}; declare them in TABLES")
+    absent = [n for n in TABLES if found.count(n) != 1]
+    if absent:
+        raise TableError(
+            "each declared table needs exactly one '<!-- table:NAME -->' ... '<!-- /table -->' block; "
+            f"check {', '.join(absent)}"
+        )
+    opened, closed = (
+        len(re.findall(rf"^{re.escape(m)}", doc, re.M)) for m in ("<!-- table:", "<!-- /table -->")
+    )
+    if opened != len(found) or closed != len(found):
+        raise TableError("an unclosed or stray table marker ('<!-- table:NAME -->' needs '<!-- /table -->')")
+    return BLOCK.sub(
+        lambda m: f"<!-- table:{m.group('name')} -->\n{build_table(m.group('name'), bench)}<!-- /table -->",
+        doc,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 if the file is out of date"
+    )
+    parser.add_argument(
+        "--doc", type=Path, default=DOC, help=f"Markdown file (default {DOC.relative_to(ROOT)})"
+    )
+    parser.add_argument(
+        "--bench",
+        type=Path,
+        default=BENCH,
+        help=f"folder of the JSON reports (default {BENCH.relative_to(ROOT)})",
+    )
+    args = parser.parse_args(argv)
+    old = args.doc.read_text()
+    try:
+        new = render(old, args.bench)
+    except TableError as exc:
+        print(f"bench_tables: {exc}", file=sys.stderr)
+        return 2
+    if new == old:
+        print(f"bench_tables: {args.doc} is up to date")
+        return 0
+    if args.check:
+        diff = difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), str(args.doc), "from the JSON"
+        )
+        sys.stderr.writelines(diff)
+        print(
+            f"bench_tables: tables in {args.doc} differ from the JSON in {args.bench}; "
+            "run python tools/bench_tables.py and commit the result",
+            file=sys.stderr,
+        )
+        return 1
+    args.doc.write_text(new)
+    print(f"bench_tables: rewrote the tables of {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
