@@ -7,7 +7,9 @@
 Both sides: the same images, backbone architecture with random weights (throughput does not depend on
 the weights), image size, batch size, ``num_workers=0`` and number of batches per epoch. Each epoch is
 timed from its start to the end of its last training batch (data loading included, validation
-excluded); the figure is the median over epochs after the first (warm-up). The peer runs afterwards in
+excluded), plus adx's reference-statistics pass after the last batch (CFlow's reference likelihood);
+the figure is the median over epochs after the first (warm-up, and the epoch that fills adx's
+frozen-feature cache: pass ``--batches`` covering the whole training set so later epochs hit it). The peer runs afterwards in
 its own virtual environment via ``tools/peer_train.py``. Run it on an otherwise idle machine.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +50,7 @@ def run_adx(args: argparse.Namespace) -> dict:
         num_workers=0,
     )
     timer = EpochTimer()
+    reference = _time_reference(model, timer)
     trainer = Trainer(
         max_epochs=args.epochs,
         limit_train_batches=args.batches,
@@ -58,13 +62,33 @@ def run_adx(args: argparse.Namespace) -> dict:
         callbacks=[timer],
     )
     trainer.fit(model, datamodule=dm)
+    for i, seconds in enumerate(reference[: len(timer.seconds)]):
+        timer.seconds[i] += seconds  # the reference pass belongs to the epoch's training cost
     return timer.record(
+        reference_seconds=[round(s, 2) for s in reference],
+        feature_cache=getattr(model, "feature_cache_mode", None),
         model=args.model,
         backbone=args.backbone,
         overrides=overrides,
         image_size=args.image_size,
         batch_size=args.batch_size,
     )
+
+
+def _time_reference(model, timer: EpochTimer) -> list[float]:
+    """Seconds of each epoch's reference-statistics pass (after the timer's last batch), appended per call."""
+    seconds: list[float] = []
+    fit = getattr(model, "fit_reference", None)
+    if fit is None:
+        return seconds
+
+    def timed() -> None:
+        t0 = time.perf_counter()
+        fit()
+        seconds.append(time.perf_counter() - t0)
+
+    model.fit_reference = timed
+    return seconds
 
 
 def run_peer(args: argparse.Namespace, out: Path) -> dict:

@@ -4,6 +4,8 @@ Additions to LightningCLI: each run gets a fresh folder ``<root_dir>/<model>/<da
 calibration, results and heatmap callbacks are always on (configured as ``--calibration.*``,
 ``--results.*``, ``--heatmaps.*``); ``fit`` tests the fitted model when the data has a test split;
 ``--ckpt FILE`` restores a run's saved config, so ``adx test --ckpt last.ckpt`` needs nothing else.
+With ``--trainer.devices N --trainer.strategy ddp`` all N processes share rank 0's run folder
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from adx.callbacks import Calibration, Checkpoint, HeatmapWriter, ResultsWriter
 from adx.data import AnomalyDataModule
 from adx.models.base import AnomalyModule, CheckpointError, check_checkpoint
 from adx.models.components.weights import restoring_weights
-from adx.runs import new_run_dir
+from adx.runs import RunDirError, launched_as_worker, run_dir_for_this_process
 
 CONFIG_KEY = "adx_config"
 QUIET = (  # Lightning notices that do not apply to adx's frozen backbones and one-pass methods
@@ -95,7 +97,7 @@ class AdxCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; with a checkpoint to restore, backbones load no weights file."""
-        ckpt = self._get(self.config, "ckpt_path") if self.subcommand else None
+        ckpt = _sub(self.config, self.subcommand).get("ckpt_path") if self.subcommand else None
         if ckpt:  # the checkpoint holds the backbone weights and their provenance
             with restoring_weights():
                 super().instantiate_classes()
@@ -103,31 +105,34 @@ class AdxCLI(LightningCLI):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        cfg = self._get(self.config_init, "trainer", default={})
+        cfg = _sub(self.config_init, self.subcommand).get("trainer") or {}
         if cfg.get("default_root_dir"):
             self.run_dir = Path(cfg["default_root_dir"])
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        else:
+        else:  # one folder for all processes of a distributed run: rank 0 makes it, the others reuse it
             dm = self.datamodule
-            self.run_dir = new_run_dir(
-                Path(self._get(self.config_init, "root_dir")),
-                type(self.model).__name__.lower(),
-                getattr(dm, "name", "data"),
-                str(getattr(dm, "category", None) or "default"),
-            )
+            try:
+                self.run_dir = run_dir_for_this_process(
+                    Path(_sub(self.config_init, self.subcommand)["root_dir"]),
+                    type(self.model).__name__.lower(),
+                    getattr(dm, "name", "data"),
+                    str(getattr(dm, "category", None) or "default"),
+                )
+            except RunDirError as exc:
+                raise SystemExit(f"adx: {exc}") from None
         kwargs["default_root_dir"] = str(self.run_dir)
         if cfg.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(
                 str(self.run_dir), name="", version="", default_hp_metric=False
             )
-        checkpoint = self._get(self.config_init, "checkpoint")
+        checkpoint = _sub(self.config_init, self.subcommand)["checkpoint"]
         if checkpoint.monitor is None:
             checkpoint.save_top_k = 0  # nothing to rank by: keep last.ckpt only
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(self.run_dir / "checkpoints")
-        print(f"adx: run folder {self.run_dir}", file=sys.stderr)
-        ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand == "fit" else None
-        if ckpt_path:
+        _say(f"adx: run folder {self.run_dir}")
+        ckpt_path = _sub(self.config, self.subcommand).get("ckpt_path") if self.subcommand == "fit" else None
+        if ckpt_path and not launched_as_worker():
             print(
                 f"adx: resuming training from {ckpt_path} into this new run folder (the old one is left as it "
                 "was; best-checkpoint ranking starts afresh here)",
@@ -140,11 +145,15 @@ class AdxCLI(LightningCLI):
         dm = self.datamodule
         if getattr(dm, "k_shot", None) and self.run_dir is not None:
             dm.setup("fit")
-            print(f"adx: k-shot images listed in {dm.write_manifest(self.run_dir)}", file=sys.stderr)
+            if not launched_as_worker():  # rank 0 writes it, once
+                _say(f"adx: k-shot images listed in {dm.write_manifest(self.run_dir)}")
 
     def after_fit(self) -> None:
         """Evaluate the fitted model on the test split, in the same run folder."""
-        if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished":
+        if (
+            _sub(self.config, self.subcommand).get("test_after_fit")
+            and self.trainer.state.status == "finished"
+        ):
             self.datamodule.setup("test")
             if getattr(self.datamodule, "test_samples", None):
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
@@ -160,7 +169,18 @@ class AdxCLI(LightningCLI):
         self._report()
 
     def _report(self) -> None:
-        print(f"adx: results in {self.run_dir}", file=sys.stderr)
+        _say(f"adx: results in {self.run_dir}")
+
+
+def _say(message: str) -> None:
+    """Print to stderr on rank 0 only (the other processes of a distributed run stay quiet)."""
+    if not launched_as_worker():
+        print(message, file=sys.stderr)
+
+
+def _sub(config: Any, subcommand: str | None) -> Any:
+    """The part of a parsed config that belongs to ``subcommand`` (the whole config without one)."""
+    return config[subcommand] if subcommand else config
 
 
 def _option_value(args: list[str], name: str) -> tuple[int, str | None]:

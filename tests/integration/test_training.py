@@ -207,6 +207,7 @@ def test_frozen_feature_cache_leaves_training_unchanged(
         calls["n"] = 0
         main([*args, "--test_after_fit", "false"])
         (run,) = runs.glob(f"{model}/synthetic/*/v*")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no last-v1.ckpt
         state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         states[mode] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         backbone_images[mode] = calls["n"]

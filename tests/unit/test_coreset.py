@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from adx.models.components import coreset
-from adx.models.components.coreset import greedy_coreset, greedy_coreset_reference, sample_size
+from adx.models.components.coreset import (
+    CoresetProjection,
+    greedy_coreset,
+    greedy_coreset_reference,
+    sample_size,
+    select_coreset,
+)
 
 
 def _blobs(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
@@ -132,10 +138,34 @@ def test_projection_and_dtypes() -> None:
         greedy_coreset(features, 10, projection_dim=0)
 
 
-def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coreset, "_LOG_SECONDS", 0.0)  # stderr is not a terminal here: log lines
     greedy_coreset(torch.randn(600, 4), 300, progress=True, desc="bank")
-    err = capsys.readouterr().err
-    assert "bank" in err and "300/300" in err
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 2 and all(line.startswith("bank: ") for line in lines), lines
+    assert "300/300 points" in lines[-1] and "elapsed, ETA " in lines[-1] and "pt/s" in lines[-1]
+    assert "\r" not in "".join(lines)
+
+
+def test_projection_in_parts_selects_the_same() -> None:
+    features = _blobs(6000, 48, 8, seed=12)
+    projection = CoresetProjection(48, 16, seed=4)
+    whole = projection(features)
+    # each row is computed independently of the other rows in its call (MKL: calls of 8 rows or more)
+    for size in (8, 64, 250, 1600):
+        assert torch.equal(torch.cat([projection(part) for part in features.split(size)]), whole), size
+    start = projection.start_index(len(features))
+    fast = greedy_coreset(features, 300, projection_dim=16, seed=4, progress=False)
+    assert torch.equal(select_coreset(whole, 300, start, progress=False), fast)
+    identity = CoresetProjection(48, None, seed=4)
+    assert identity.weight is None and identity.out_dim == 48 and torch.equal(identity(features), features)
+    assert torch.equal(
+        select_coreset(features, 300, identity.start_index(6000), progress=False),
+        greedy_coreset(features, 300, projection_dim=None, seed=4, progress=False),
+    )
+    assert torch.equal(select_coreset(features[:5], 9, 0, progress=False), torch.arange(5))
+    with pytest.raises(ValueError, match="start_index"):
+        select_coreset(features, 10, 6000)
 
 
 def test_sample_size() -> None:

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from adx.callbacks.collect import Collector, OutputsCallback
+from adx.distributed import rank_zero_result
 from adx.metrics import f1_max, quantile_threshold
 from adx.models.base import AnomalyModule
 
@@ -23,6 +24,7 @@ class Calibration(OutputsCallback):
     With ``quantile``, the image threshold is the ``quantile`` of normal image scores and the pixel
     threshold the same quantile of the per-image maxima of normal maps (so that fraction of normal images
     shows no predicted defect pixel). Min/max for normalisation come from the same validation outputs.
+    With several processes, every rank's outputs are gathered and rank 0's thresholds go to every rank.
     """
 
     def __init__(
@@ -50,9 +52,25 @@ class Calibration(OutputsCallback):
             self.collector.add(outputs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not isinstance(pl_module, AnomalyModule) or not len(self.collector):
+        if trainer.sanity_checking or not isinstance(pl_module, AnomalyModule):
             return
-        data = self.collector.cat()
+        data = self.collector.gathered()  # every rank's validation outputs (the same on every rank)
+        self.collector.reset()
+        if not data:
+            return
+        # computed once, on rank 0, so that every rank holds exactly the same thresholds
+        values = rank_zero_result(lambda: self._fit(trainer, data))
+        n_normal, n_anomalous = values.pop("n_normal"), values.pop("n_anomalous")
+        source, method = values.pop("source"), values.pop("method")
+        self._warn_if_few(method, n_normal, n_anomalous)
+        pl_module.set_calibration(source, n_normal, n_anomalous, **values)
+        rank_zero_info(
+            f"adx: thresholds image={values['image_threshold']:.4g} pixel={values['pixel_threshold']:.4g} "
+            f"({source})"
+        )
+
+    def _fit(self, trainer: Trainer, data: dict[str, Any]) -> dict[str, Any]:
+        """Thresholds, min/max, image counts, method and source from validation outputs."""
         scores, maps, labels = data["image_score"].float(), data["anomaly_map"].float(), data["label"]
         normal = labels == 0
         has_anomalies = bool((labels == 1).any())
@@ -74,21 +92,18 @@ class Calibration(OutputsCallback):
         else:
             image_thr, pixel_thr = self.manual
         n_normal, n_anomalous = int(normal.sum()), int((labels == 1).sum())
-        source = self._describe(trainer, method, n_normal, n_anomalous)
-        self._warn_if_few(method, n_normal, n_anomalous)
-        pl_module.set_calibration(
-            source,
-            n_normal,
-            n_anomalous,
-            image_threshold=image_thr,
-            pixel_threshold=pixel_thr,
-            image_min=scores.min(),
-            image_max=scores.max(),
-            pixel_min=maps.min(),
-            pixel_max=maps.max(),
-        )
-        rank_zero_info(f"adx: thresholds image={image_thr:.4g} pixel={pixel_thr:.4g} ({source})")
-        self.collector.reset()
+        return {
+            "image_threshold": float(image_thr),
+            "pixel_threshold": float(pixel_thr),
+            "image_min": float(scores.min()),
+            "image_max": float(scores.max()),
+            "pixel_min": float(maps.min()),
+            "pixel_max": float(maps.max()),
+            "n_normal": n_normal,
+            "n_anomalous": n_anomalous,
+            "method": method,
+            "source": self._describe(trainer, method, n_normal, n_anomalous),
+        }
 
     def _warn_if_few(self, method: str, n_normal: int, n_anomalous: int) -> None:
         """Warn when a threshold rests on too few images to mean what its name says."""

@@ -1,4 +1,4 @@
-"""Accumulates step outputs on the CPU for epoch-end computations."""
+"""Accumulates step outputs on the CPU for epoch-end computations (gathered over ranks when distributed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+
+from adx.distributed import gather_table
 
 
 class Collector:
@@ -41,6 +43,10 @@ class Collector:
         return {
             k: (torch.cat(v) if v and isinstance(v[0], Tensor) else v) for k, v in self.store.items() if v
         }
+
+    def gathered(self) -> dict[str, Any]:
+        """:meth:`cat` of every rank's outputs, in rank order (a collective: every rank must call it)."""
+        return gather_table(self.cat())
 
 
 class OutputsCallback(Callback):

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from adx.callbacks.calibration import calibration_state
 from adx.callbacks.collect import Collector, OutputsCallback
+from adx.distributed import all_reduce_sum, gather_list, is_distributed, rank, rank_zero_result, world_size
 from adx.metrics import compute_metrics, format_table
 
 ROW_KEYS = ("path", "defect_type", "label", "image_score", "pred_score", "pred_label")
@@ -50,7 +51,9 @@ class ResultsWriter(OutputsCallback):
     """Computes image/pixel AUROC, AUPRO and F1-max on the test set; writes metrics.json and CSVs.
 
     Pixel metrics use maps at the model's input size, area-downsampled when the long side exceeds
-    ``metrics_max_size`` (masks nearest), to bound memory at high resolution.
+    ``metrics_max_size`` (masks nearest), to bound memory at high resolution. With several processes,
+    every rank's outputs are gathered, rank 0 computes the metrics and writes the one metrics.json,
+    scores.csv and predictions.csv of the run.
     """
 
     def __init__(self, pixel_metrics: bool = True, metrics_max_size: int = 512) -> None:
@@ -95,22 +98,27 @@ class ResultsWriter(OutputsCallback):
             self._rows.write(_columns({k: v for k, v in outputs.items() if k in ROW_KEYS}))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        data = self.collector.gathered()  # every rank's test outputs, in rank order (= dataset order)
+        self.collector.reset()
         seconds = time.perf_counter() - self._t0
-        data = self.collector.cat()
         if not data:
             return
         labels = data["label"]
         known = labels >= 0
         maps = data.get("anomaly_map")
-        metrics = compute_metrics(
-            data["image_score"][known],
-            labels[known],
-            maps[known] if maps is not None else None,
-            data["mask"][known].squeeze(1) if maps is not None else None,
-            data["has_mask"][known] if maps is not None else None,
+        metrics = rank_zero_result(  # computed once; every rank logs the same values
+            lambda: compute_metrics(
+                data["image_score"][known],
+                labels[known],
+                maps[known] if maps is not None else None,
+                data["mask"][known].squeeze(1) if maps is not None else None,
+                data["has_mask"][known] if maps is not None else None,
+            )
         )
-        for key, value in metrics.items():
-            pl_module.log(f"test/{key}", value)
+        for key, value in metrics.items():  # the same on every rank: the mean over ranks keeps them
+            pl_module.log(f"test/{key}", value, sync_dist=True)
+        if rank() != 0:
+            return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         n = len(labels)
@@ -130,18 +138,42 @@ class ResultsWriter(OutputsCallback):
         rank_zero_info(
             f"\n{format_table(metrics)}\nadx: {n} test images in {seconds:.1f} s; wrote {metrics_path}"
         )
-        self.collector.reset()
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        self._rows = RowWriter(exclusive_path(folder, "predictions.csv"))
+        # with several processes each streams its rows to a part file; rank 0 joins them at the end
+        path = folder / f".predictions.rank{rank()}.csv" if is_distributed() else None
+        self._rows = RowWriter(path or exclusive_path(folder, "predictions.csv"))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._rows is not None:
-            self._rows.close()
-            rank_zero_info(f"adx: wrote scores of {self._rows.count} images to {self._rows.path}")
-            self._rows = None
+        if self._rows is None:
+            return
+        self._rows.close()
+        path, count = self._rows.path, self._rows.count
+        self._rows = None
+        if is_distributed():
+            parts = [Path(p) for p in gather_list([str(path)])]  # also waits until every part is closed
+            count = int(all_reduce_sum(torch.tensor([count])))
+            if rank() != 0:
+                return
+            path = join_csv(parts, exclusive_path(run_dir(trainer), "predictions.csv"))
+        rank_zero_info(f"adx: wrote scores of {count} images to {path}")
+
+
+def join_csv(parts: list[Path], out: Path) -> Path:
+    """Concatenate CSV files that share a header (files without rows may be empty) into ``out``; delete them."""
+    header: str | None = None
+    with out.open("w", newline="") as fh:
+        for part in parts:
+            with part.open(newline="") as src:
+                first = src.readline()
+                if first and header is None:
+                    header = first
+                    fh.write(first)
+                fh.writelines(src)
+            part.unlink()
+    return out
 
 
 class RowWriter:
@@ -181,6 +213,7 @@ def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
             "val_source": getattr(dm, "val_source", None),
         },
         "device": str(pl_module.device),
+        "processes": world_size(),
         "weights": {
             "backbone": getattr(backbone, "name", None),
             "file": getattr(backbone, "weights_source", None),

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from adx.data.dataset import AnomalyDataset, BitDepth, check_bit_depth, to_hw
 from adx.data.folder import list_folder
@@ -18,6 +18,7 @@ from adx.data.goodng import list_goodng
 from adx.data.mvtec import ROOT_ENV, check_root, list_mvtec
 from adx.data.samples import AdxDataError, Sample, check_samples, is_image_file, list_images
 from adx.data.synthetic import make_synthetic
+from adx.distributed import ShardSampler, even_batch_size, is_distributed, rank, world_size
 
 ValSource = Literal["train_split", "test_split", "test", "none"]
 CACHE_ENV = "ADX_CACHE_DIR"
@@ -79,6 +80,9 @@ class AnomalyDataModule(L.LightningDataModule):
     dataset give the same K; the picks for K are the first K of one seeded order, so smaller K are subsets of
     larger). They are printed at setup, kept in ``k_shot_paths`` and written by ``write_manifest``. Only
     ``val_source`` test_split, test or none are allowed with it, so validation never sees more normal images.
+
+    Several processes (torch.distributed initialised): every loader gives each rank its own part, see
+    ``_loader`` and docs/distributed.md; ``_loader`` without ``stage`` (reference passes) gives every image.
     """
 
     def __init__(
@@ -283,24 +287,67 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         return "\n".join(lines)
 
-    # --- loaders ----------------------------------------------------------------------------------------------
-    def _loader(self, samples: list[Sample], batch_size: int, shuffle: bool) -> DataLoader:
-        """DataLoader over ``samples`` with this module's worker settings."""
+    # --- loaders ---------------------------------------------------------------------------------------------
+    def _loader(
+        self, samples: list[Sample], batch_size: int, shuffle: bool, stage: str | None = None
+    ) -> DataLoader:
+        """DataLoader over ``samples`` with this module's worker settings (all of them, on every rank).
+
+        With ``stage`` named and several processes, this rank's part only: a seeded ``DistributedSampler``
+        reshuffled every epoch when ``shuffle`` (gradient training; it repeats a few images so that every
+        rank takes the same number of steps), else a disjoint slice without repeats (:class:`ShardSampler`)
+        and a batch size that gives every rank the same number of batches.
+        """
+        dataset = AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg)
+        sampler: Sampler | None = None
+        if stage is not None and is_distributed():
+            if shuffle:
+                sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=self.seed)
+            else:
+                batch_size = self._even_batch_size(len(samples), batch_size, stage)
+                sampler = ShardSampler(dataset, world_size(), rank())
+            shuffle = False
         return DataLoader(
-            AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
+    def _even_batch_size(self, n: int, batch_size: int, stage: str) -> int:
+        """``batch_size`` or a nearby one that gives every rank's slice the same number of batches."""
+        world = world_size()
+        if n < world:
+            fix = {
+                "validate": "raise --data.val_ratio, ",
+                "test": "add test images, ",
+                "train": "add training images, ",
+            }.get(stage, "")
+            raise AdxDataError(
+                f"the {stage} images of '{self.name}/{self.category}' ({n}) are fewer than the {world} processes "
+                f"of this run; every process needs at least one: {fix}or run on fewer --trainer.devices."
+            )
+        return even_batch_size(n, world, batch_size)
+
+    @property
+    def _one_pass(self) -> bool:
+        """True when the trainer fits a one-pass method (training images read once, in order)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return bool(getattr(module, "one_pass", False))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.batch_size, shuffle=True)
+        # one-pass methods read each image once, in listing order (the same bank/statistics on any number of
+        # processes); trained methods get shuffled batches
+        return self._loader(self.train_samples, self.batch_size, shuffle=not self._one_pass, stage="train")
 
     def val_dataloader(self) -> DataLoader | list[Any]:
-        return self._loader(self.val_samples, self.eval_batch_size, shuffle=False) if self.val_samples else []
+        if not self.val_samples:
+            return []
+        return self._loader(self.val_samples, self.eval_batch_size, shuffle=False, stage="validate")
 
     def _require(self, samples: list[Sample], stage: str) -> list[Sample]:
         """Return ``samples`` or raise a clear error when the stage has no images."""
@@ -312,12 +359,12 @@ class AnomalyDataModule(L.LightningDataModule):
         return samples
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.test_samples, "test"), self.eval_batch_size, shuffle=False)
+        samples = self._require(self.test_samples, "test")
+        return self._loader(samples, self.eval_batch_size, shuffle=False, stage="test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(
-            self._require(self.predict_samples, "predict"), self.eval_batch_size, shuffle=False
-        )
+        samples = self._require(self.predict_samples, "predict")
+        return self._loader(samples, self.eval_batch_size, shuffle=False, stage="predict")
 
 
 def _env_root(root: str | None) -> str | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from scipy.ndimage import gaussian_filter
 from adx.data.samples import AdxDataError
 
 MARKER = ".adx_synthetic.json"
+LOCK = ".adx_synthetic.lock"
 _VERSION = 1
 _GENERATED = ("train", "test", "ground_truth")
 _TINT = np.array([1.0, 0.97, 0.92], dtype=np.float32)
@@ -96,6 +100,50 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (waits for other holders; the OS drops it if we die)."""
+    with open(path, "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after about 10 s: keep waiting
+                    continue
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _read_marker(root: Path) -> dict | None:
+    """The marker's contents, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(root: Path, params: dict, complete: bool) -> None:
+    """Replace the marker in one step, so a reader never sees half a file."""
+    tmp = root / f"{MARKER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"params": params, "complete": complete}, indent=1))
+    os.replace(tmp, root / MARKER)
+
+
 def make_synthetic(
     root: str | Path,
     n_train: int = 40,
@@ -107,7 +155,9 @@ def make_synthetic(
     """Generate (or reuse, if ``<root>/.adx_synthetic.json`` matches the parameters) an MVTec-layout category.
 
     Writes ``train/good``, ``test/good``, ``test/defect`` and ``ground_truth/defect/NNN_mask.png`` under ``root``
-    and returns ``root``. Output is byte-identical for the same parameters.
+    and returns ``root``. Output is byte-identical for the same parameters. Safe to call from several
+    processes at once (every rank of a distributed run): one generates under a file lock, the others wait
+    for it and reuse its images.
     """
     if n_train < 1 or n_test_good < 0 or n_test_bad < 0 or n_test_good + n_test_bad < 1:
         raise AdxDataError(
@@ -119,23 +169,32 @@ def make_synthetic(
     root = Path(root).expanduser()
     params = {"version": _VERSION, "n_train": n_train, "n_test_good": n_test_good, "n_test_bad": n_test_bad}
     params |= {"size": size, "seed": seed}
-    marker = root / MARKER
-    if marker.is_file():
-        try:
-            state = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if state.get("params") == params and state.get("complete"):
-            return root
-    elif any((root / d).exists() for d in _GENERATED):
-        raise AdxDataError(
-            f"'{root}' already has train/test/ground_truth folders that were not made by make_synthetic "
-            f"(no {MARKER}). Refusing to overwrite: pick another --data.root or empty that folder."
-        )
-    for d in _GENERATED:
-        shutil.rmtree(root / d, ignore_errors=True)
+
+    def done() -> bool:
+        state = _read_marker(root)
+        return bool(state and state.get("params") == params and state.get("complete"))
+
+    if done():
+        return root
     root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"params": params, "complete": False}))
+    with _exclusive(root / LOCK):
+        if done():  # another process generated it while this one waited
+            return root
+        if not (root / MARKER).is_file() and any((root / d).exists() for d in _GENERATED):
+            raise AdxDataError(
+                f"'{root}' already has train/test/ground_truth folders that were not made by make_synthetic "
+                f"(no {MARKER}). Refusing to overwrite: pick another --data.root or empty that folder."
+            )
+        _write_marker(root, params, complete=False)
+        for d in _GENERATED:
+            shutil.rmtree(root / d, ignore_errors=True)
+        _generate(root, n_train, n_test_good, n_test_bad, size, seed)
+        _write_marker(root, params, complete=True)
+    return root
+
+
+def _generate(root: Path, n_train: int, n_test_good: int, n_test_bad: int, size: int, seed: int) -> None:
+    """Write the images and masks of every split under ``root``."""
     folders = {k: root / k for k in ("train/good", "test/good", "test/defect", "ground_truth/defect")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -151,5 +210,3 @@ def make_synthetic(
                 image, mask = _defective(rng, image)
                 _save(mask, folders["ground_truth/defect"] / f"{i:03d}_mask.png")
             _save(image, folders[key] / f"{i:03d}.png")
-    marker.write_text(json.dumps({"params": params, "complete": True}, indent=1))
-    return root

@@ -7,7 +7,8 @@ the checkpoint) and routes validation, test and predict through the one inferenc
 branches on tensor values, and which may define ``check_fitted()`` (raises RuntimeError naming what to do).
 ``MemoryBankModule`` is the adapter for methods fitted from one pass over the training images:
 ``model.update(images)`` per batch, ``model.fit()`` after the last one. Gradient-trained methods use
-``adx.models.trained.TrainedModule``.
+``adx.models.trained.TrainedModule``. With several processes each rank updates on its own slice of the
+training images and ``fit()`` combines the ranks once (adx.distributed; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 import adx
 from adx.calibration import Calibrator
+from adx.distributed import fit_without_ddp_wrapper
 from adx.inference import InferenceModule
 
 CHECKPOINT_FORMAT = 3
@@ -130,11 +132,23 @@ def check_checkpoint(
 
 
 class MemoryBankModule(AnomalyModule):
-    """Adapter for training-free methods: one epoch of ``model.update``, then ``model.fit``."""
+    """Adapter for training-free methods: one epoch of ``model.update``, then ``model.fit``.
+
+    Under a DDP strategy every rank reads a disjoint slice of the training images (``one_pass`` tells the
+    data module so) and ``model.fit()`` gathers or reduces across ranks once; the module is not wrapped in
+    DistributedDataParallel, which has no gradients to reduce here and would add a collective per batch.
+    """
+
+    one_pass = True
+    """Read by the data module: training images are seen once, in order, each by one rank only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            fit_without_ddp_wrapper(self.trainer)
 
     def configure_optimizers(self) -> None:
         """Nothing to optimise: the model is fitted from one pass over the training images."""

@@ -25,14 +25,16 @@ distances are used throughout (same order as Euclidean distances).
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
+from typing import TextIO
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-__all__ = ["greedy_coreset", "greedy_coreset_reference", "sample_size"]
+__all__ = ["CoresetProjection", "greedy_coreset", "greedy_coreset_reference", "sample_size", "select_coreset"]
 
 # Elements per chunk of distance computations: 4096 rows x 128 float32 (2 MiB) stay in L2 cache.
 _CHUNK_ELEMENTS = 1 << 19
@@ -46,6 +48,12 @@ _DENSE_FRACTION = 0.25
 # Progress bar refresh: at most every this many seconds, checked every _PROGRESS_EVERY steps.
 _PROGRESS_EVERY = 16
 _PROGRESS_SECONDS = 0.5
+_LOG_SECONDS = 30.0  # refresh when stderr is a log file rather than a terminal
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} points [{elapsed} elapsed, ETA {remaining}, {rate_fmt}]"
+_LOG_FORMAT = (
+    "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} points, {elapsed} elapsed, ETA {remaining}, {rate_fmt}"
+)
 _PROBE_SECONDS = 0.5  # thread governor: length of each timed window
 _RUN_SECONDS = 15.0  # thread governor: time on the chosen thread count before probing again
 
@@ -63,6 +71,50 @@ def sample_size(n_total: int, ratio: float) -> int:
     return max(1, int(n_total * value))
 
 
+class CoresetProjection:
+    """The seeded random projection and start point of :func:`greedy_coreset`, applicable to rows in parts.
+
+    ``greedy_coreset(features, n, projection_dim, seed)`` selects exactly what
+    ``select_coreset(proj(features), n, proj.start_index(N))`` selects with
+    ``proj = CoresetProjection(D, projection_dim, seed)``. Projecting the rows in parts (per image, on
+    several processes) gives the same values when the matrix product computes each row independently of the
+    other rows in the call, as MKL does for calls of 8 rows or more (tested in tests/unit/test_coreset.py).
+    """
+
+    def __init__(self, dim: int, projection_dim: int | None = 128, seed: int = 0) -> None:
+        """Draw the [dim, projection_dim] Gaussian matrix (none when projection_dim is None or >= dim)."""
+        if projection_dim is not None and projection_dim <= 0:
+            raise ValueError(f"projection_dim must be positive or None, got {projection_dim}")
+        self.dim = int(dim)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.weight: Tensor | None = None  # [dim, p] float32 on the CPU
+        if projection_dim is not None and projection_dim < dim:
+            # Dense Gaussian Johnson-Lindenstrauss projection, N(0, 1/p) entries; used for selection only.
+            weight = torch.randn(dim, projection_dim, generator=generator, dtype=torch.float32)
+            self.weight = weight.div_(math.sqrt(projection_dim))
+        self.out_dim = self.dim if self.weight is None else int(projection_dim)
+        self._state = generator.get_state()  # the start point is drawn after the matrix
+
+    def __call__(self, features: Tensor) -> Tensor:
+        """Rows [N, dim] -> float32 [N, out_dim] (the rows themselves, as float32, without a projection)."""
+        if self.weight is None:
+            return features.detach().to(dtype=torch.float32).contiguous()
+        weight = self.weight.to(features.device)
+        n_points = features.shape[0]
+        projected = torch.empty(n_points, self.out_dim, dtype=torch.float32, device=features.device)
+        step = max(1, (1 << 24) // self.dim)  # bounded temporaries when features are not float32
+        for start in range(0, n_points, step):
+            stop = min(n_points, start + step)
+            torch.matmul(features[start:stop].detach().to(torch.float32), weight, out=projected[start:stop])
+        return projected
+
+    def start_index(self, n_points: int) -> int:
+        """The seeded first centre among ``n_points`` points."""
+        generator = torch.Generator(device="cpu")
+        generator.set_state(self._state)
+        return int(torch.randint(n_points, (1,), generator=generator).item())
+
+
 def _prepare(features: Tensor, projection_dim: int | None, seed: int) -> tuple[Tensor, int]:
     """Projected float32 matrix [N, p] (p = projection_dim or D) and the seeded start index."""
     if features.ndim != 2:
@@ -70,22 +122,8 @@ def _prepare(features: Tensor, projection_dim: int | None, seed: int) -> tuple[T
     n_points, dim = features.shape
     if n_points == 0:
         raise ValueError("features is empty (N = 0)")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    if projection_dim is not None and projection_dim <= 0:
-        raise ValueError(f"projection_dim must be positive or None, got {projection_dim}")
-    if projection_dim is None or projection_dim >= dim:
-        projected = features.detach().to(dtype=torch.float32).contiguous()
-    else:
-        # Dense Gaussian Johnson-Lindenstrauss projection, N(0, 1/p) entries; used for selection only.
-        weight = torch.randn(dim, projection_dim, generator=generator, dtype=torch.float32)
-        weight = weight.div_(math.sqrt(projection_dim)).to(features.device)
-        projected = torch.empty(n_points, projection_dim, dtype=torch.float32, device=features.device)
-        step = max(1, (1 << 24) // dim)  # bounded temporaries when features are not float32
-        for start in range(0, n_points, step):
-            stop = min(n_points, start + step)
-            torch.matmul(features[start:stop].detach().to(torch.float32), weight, out=projected[start:stop])
-    start_index = int(torch.randint(n_points, (1,), generator=generator).item())
-    return projected, start_index
+    projection = CoresetProjection(dim, projection_dim, seed)
+    return projection(features), projection.start_index(n_points)
 
 
 def _sq_dists(points: Tensor, centre: Tensor, rows: Tensor | None, out: Tensor, scratch: Tensor) -> Tensor:
@@ -369,22 +407,52 @@ class _ThreadGovernor:
             torch.set_num_threads(self.threads)
 
 
+class _LogLines:
+    """tqdm output for a stream that is not a terminal (a log file): one plain line per refresh."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        """Drop tqdm's carriage returns, cursor moves (below another bar) and padding; write the rest as a line."""
+        text = _ANSI.sub("", text).replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        """Flush the stream."""
+        self.stream.flush()
+
+
 class _Progress:
-    """tqdm bar on stderr refreshed at most every _PROGRESS_SECONDS (cheap to call every step)."""
+    """Progress bar with ETA on stderr, refreshed at most every _PROGRESS_SECONDS (cheap to call every step).
+
+    On a terminal it is a tqdm bar; when stderr is a log file it writes one line every _LOG_SECONDS instead.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         """Open the bar (disabled when ``enabled`` is False)."""
+        tty = sys.stderr.isatty()
         self.bar = tqdm(
-            total=total, desc=desc, unit="pt", file=sys.stderr, disable=not enabled, smoothing=0.1
+            total=total,
+            desc=desc,
+            file=sys.stderr if tty else _LogLines(sys.stderr),
+            disable=not enabled,
+            unit="pt",
+            smoothing=0.1,
+            miniters=1,  # print every (throttled) update; no stale refreshes from tqdm's monitor thread
+            mininterval=0.0,
+            bar_format=_BAR_FORMAT if tty else _LOG_FORMAT,
         )
         self.enabled = enabled
+        self.every = _PROGRESS_SECONDS if tty else _LOG_SECONDS
         self.last = time.monotonic()
 
     def step(self, done: int) -> None:
         """Report ``done`` selected points."""
         if self.enabled and done % _PROGRESS_EVERY == 0:
             now = time.monotonic()
-            if now - self.last >= _PROGRESS_SECONDS:
+            if now - self.last >= self.every:
                 self.bar.update(done - self.bar.n)
                 self.last = now
 
@@ -412,6 +480,26 @@ def greedy_coreset(
     if features.ndim == 2 and n_points > 0 and _check_n(n, n_points):
         return torch.arange(n_points, device=features.device)
     points, index = _prepare(features, projection_dim, seed)
+    return select_coreset(points, n, index, progress=progress, desc=desc).to(features.device)
+
+
+def select_coreset(
+    points: Tensor, n: int, start_index: int, progress: bool = True, desc: str = "coreset"
+) -> Tensor:
+    """Greedy k-center selection of ``n`` of the (already projected) ``points`` [N, p] from ``start_index``.
+
+    -> LongTensor [n] on the CPU (``arange(N)`` when ``n >= N``). :func:`greedy_coreset` is this on the
+    output of :class:`CoresetProjection`; call it directly when the projection was computed in parts.
+    """
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"points must be a non-empty 2-D [N, p] tensor, got shape {tuple(points.shape)}")
+    n_points = points.shape[0]
+    if _check_n(n, n_points):
+        return torch.arange(n_points)
+    if not 0 <= start_index < n_points:
+        raise ValueError(f"start_index must be in [0, {n_points}), got {start_index}")
+    points = points.detach().to(dtype=torch.float32).contiguous()
+    index = start_index
     device = points.device
     selected = torch.empty(n, dtype=torch.long)
     centres = torch.empty(n, points.shape[1], device=device)  # [n, p] selected projected points
@@ -448,14 +536,14 @@ def greedy_coreset(
             ):
                 break
         else:
-            return selected.to(features.device)
+            return selected
         del dist, scratch
         # Sparse phase: per-cluster sorted lists, visiting only points that can get closer to the new centre.
         clusters = _Clusters(points, min_dist, assign, centres, step)
         while not accept(index):
             clusters.add(index, step - 1)
             index = clusters.next_index(step)
-        return selected.to(features.device)
+        return selected
     finally:
         governor.close()
         bar.close(step)

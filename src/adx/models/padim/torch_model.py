@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from adx.distributed import all_reduce_sum
 from adx.models.components.backbone import Backbone
 from adx.models.components.maps import DynamicBuffers, align_and_concat, to_image_size
 
@@ -46,8 +47,13 @@ class PadimModel(DynamicBuffers):
         self.backbone = Backbone(backbone, strides, weights, pretrained, normalization=normalization)
         total = sum(self.backbone.channels)
         if n_features is not None and not 0 < n_features <= total:
+            where = f"{backbone} at strides {tuple(strides)}"
             raise ValueError(
-                f"n_features must be in 1..{total} for {backbone} at strides {strides}, got {n_features}"
+                f"n_features {n_features} exceeds the {total} channels of {where}: use --model.n_features "
+                f"{total} or less (or null for all of them), or a backbone/strides with more channels"
+                if n_features > total
+                else f"n_features must be at least 1, got {n_features}: use --model.n_features 1 to {total} "
+                f"({where}), or null for all channels"
             )
         d = n_features or total
         gen = torch.Generator().manual_seed(seed)
@@ -74,11 +80,16 @@ class PadimModel(DynamicBuffers):
         self._n += b
 
     def fit(self) -> None:
-        """Per-position mean and regularised inverse covariance from the accumulated moments."""
-        if self._n < 2:
-            raise RuntimeError(f"PaDiM needs at least 2 training images, got {self._n}")
-        mean = self._sum / self._n
-        cov = (self._outer - self._n * mean[:, :, None] * mean[:, None, :]) / (self._n - 1)
+        """Per-position mean and regularised inverse covariance from the moments of every rank's images."""
+        if self._sum is None:
+            raise RuntimeError("PaDiM.fit() called before any update(): no training images were seen")
+        # one collective per tensor and rank, whatever the number of batches each rank saw
+        self._sum, self._outer = all_reduce_sum(self._sum), all_reduce_sum(self._outer)
+        n = int(all_reduce_sum(torch.tensor([self._n], dtype=torch.float64, device=self._sum.device)))
+        if n < 2:
+            raise RuntimeError(f"PaDiM needs at least 2 training images, got {n}")
+        mean = self._sum / n
+        cov = (self._outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
         cov += self.epsilon * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         self.mean = mean.float()
         self.inv_cov = torch.linalg.inv(cov).float()

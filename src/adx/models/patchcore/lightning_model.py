@@ -15,3 +15,9 @@ class PatchCore(MemoryBankModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = PatchCoreModel(**kwargs)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # image paths order the pool, so the bank does not depend on shuffling or on the number of processes
+        if self.current_epoch == 0:
+            self.model.update(batch["image"], keys=batch.get("path"))
+        return None

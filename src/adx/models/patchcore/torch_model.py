@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adx import distributed
 from adx.models.components.backbone import Backbone
-from adx.models.components.coreset import greedy_coreset, sample_size
+from adx.models.components.coreset import sample_size
 from adx.models.components.knn import NearestNeighbours, knn_torch
 from adx.models.components.maps import DynamicBuffers, align_and_concat, to_image_size
+from adx.models.components.pool import POOL_STORES, PatchPool, coreset_bank
+from adx.models.components.weights import is_restoring
 
 
 class PatchCoreModel(DynamicBuffers):
@@ -35,6 +39,7 @@ class PatchCoreModel(DynamicBuffers):
         seed: int = 0,
         progress: bool = True,
         knn: str = "auto",
+        pool: str = "auto",
     ) -> None:
         """PatchCore.
 
@@ -55,6 +60,9 @@ class PatchCoreModel(DynamicBuffers):
             progress: show a progress bar with ETA for the coreset.
             knn: nearest-neighbour search: ``auto`` (faiss where installed, else torch), ``faiss`` or
                 ``torch`` (chunked matmul + top-k; the path traced for export, equal within float rounding).
+            pool: where the full-dimension training patches wait for the coreset (only their projection
+                is in memory): ``auto`` (memory up to 1 GiB, then a temporary float32 file in $TMPDIR),
+                ``memory`` or ``disk``. The bank is the same with each.
         """
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
@@ -64,14 +72,19 @@ class PatchCoreModel(DynamicBuffers):
         sample_size(1, coreset_ratio)  # validates the ratio before any work
         if knn not in ("auto", "faiss", "torch"):
             raise ValueError(f"knn must be auto, faiss or torch, got {knn!r}: fix --model.knn")
+        if pool not in POOL_STORES:
+            raise ValueError(f"pool must be auto, memory or disk, got {pool!r}: fix --model.pool")
+        if embed_dim is not None and embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive or null, got {embed_dim}: fix --model.embed_dim")
         self.backbone = Backbone(backbone, strides, weights, pretrained, normalization=normalization)
+        _check_embed_dim(embed_dim, self.backbone)
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.blur_sigma, self.progress = num_neighbors, blur_sigma, progress
         dim = embed_dim or sum(self.backbone.channels)
         self.register_buffer("memory_bank", torch.empty(0, dim))
-        self.knn = knn
-        self._chunks: list[Tensor] = []
+        self.knn, self.pool_store = knn, pool
+        self._pool: PatchPool | None = None  # training patches collected by update(), consumed by fit()
         self._index: NearestNeighbours | None = None  # built when the bank is set (fit, load, device move)
         self.register_load_state_dict_post_hook(lambda module, _: module.build_index())
 
@@ -85,22 +98,34 @@ class PatchCoreModel(DynamicBuffers):
         pooled = [_pool_channels(f, self.embed_dim) for f in feats]
         return _pool_channels(align_and_concat(pooled), self.embed_dim)
 
-    def update(self, images: Tensor) -> None:
-        """Add the patch embeddings of a batch of normal images to the pool to subsample."""
+    def update(self, images: Tensor, keys: Sequence[str] | None = None) -> None:
+        """Add the patch embeddings of a batch of normal images [B,3,H,W] to the pool to subsample.
+
+        ``keys`` (one per image, e.g. its path) put the pool in a canonical order (sorted by key, repeated
+        keys once), so the bank does not depend on loader order or on how images are split over processes.
+        """
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"got {len(keys)} keys for {len(images)} images")
         emb = self.embed(images)
-        self._chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float().cpu())
+        b, d = emb.shape[:2]
+        rows = emb.permute(0, 2, 3, 1).reshape(b, -1, d)  # [B, h*w, D]
+        if self._pool is None:
+            self._pool = PatchPool(d, self.projection_dim, self.seed, self.pool_store)
+        for i in range(b):
+            self._pool.add(rows[i], None if keys is None else str(keys[i]))
 
     def fit(self) -> None:
-        """Greedy-coreset subsample of all collected embeddings into the memory bank."""
-        if not self._chunks:
-            raise RuntimeError("PatchCore.fit() called before any update(): no training images were seen")
-        pool = torch.cat(self._chunks)
-        self._chunks = []
-        n = sample_size(len(pool), self.coreset_ratio)
-        idx = greedy_coreset(
-            pool, n, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress
-        )
-        self.memory_bank = pool[idx].to(self.memory_bank.device)
+        """Greedy-coreset subsample of all collected embeddings (of every process) into the memory bank."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            if not distributed.is_distributed():
+                raise RuntimeError("PatchCore.fit() called before any update(): no training images were seen")
+            pool = PatchPool(self.memory_bank.shape[1], self.projection_dim, self.seed, self.pool_store)
+        try:
+            bank = coreset_bank(pool, self.coreset_ratio, progress=self.progress)
+        finally:
+            pool.close()
+        self.memory_bank = bank.to(self.memory_bank.device)
         self.build_index()
 
     def build_index(self) -> None:
@@ -150,6 +175,23 @@ class PatchCoreModel(DynamicBuffers):
         d_support = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=-1)
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
         return weight * s_star
+
+
+def _check_embed_dim(embed_dim: int | None, backbone: Backbone) -> None:
+    """Refuse an ``embed_dim`` above the backbone's channels (a warning when loading a checkpoint)."""
+    channels = sum(backbone.channels)
+    if embed_dim is None or embed_dim <= channels:
+        return
+    message = (
+        f"embed_dim {embed_dim} exceeds the {channels} channels of {backbone.name} at strides "
+        f"{tuple(backbone.strides)}: the paper's channel pooling would repeat channels (no new information, "
+        f"{embed_dim / channels:.1f}x the memory and search time); use --model.embed_dim {channels} or less "
+        "(or null to keep all channels)"
+    )
+    if is_restoring():  # a checkpoint fitted before this check: its bank already has embed_dim columns
+        warnings.warn(message, stacklevel=3)
+        return
+    raise ValueError(message)
 
 
 def _pool_channels(x: Tensor, dim: int) -> Tensor:
