@@ -10,6 +10,8 @@ in its own run folder under --root_dir (the K images are listed in its k_shot.tx
 The JSON file holds one record per run (k, seed, metrics, command, the K image names) and a summary per k:
 mean and spread (min, max, population std) over the seeds. Runs already in --out with the same k, seed and
 options are skipped, so an interrupted grid resumes.
+
+    python tools/bench_kshot.py table docs/bench/kshot_*.json     # the markdown table of docs/kshot.md
 """
 
 from __future__ import annotations
@@ -127,7 +129,41 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def table(paths: list[str]) -> str:
+    """Markdown table: one row per category x options x k, mean +- std (min-max) over the seeds."""
+    lines = [
+        "| category | coreset ratio | k | seeds | image AUROC | pixel AUROC | AUPRO | memory bank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        category = doc["runs"][0]["category"]
+        for row in doc["summary"]:
+            banks = [
+                r["memory_bank"] for r in doc["runs"] if r["k"] == row["k"] and r["options"] == row["options"]
+            ]
+            cells = []
+            for m in ("image_AUROC", "pixel_AUROC", "AUPRO"):
+                v = row[m]
+                cells.append(
+                    f"{v['mean']:.3f}"
+                    if len(row["seeds"]) == 1
+                    else f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
+                )
+            ratio = row["options"].get("model.coreset_ratio", "0.1 (config)")
+            bank = f"{min(banks)}" if min(banks) == max(banks) else f"{min(banks)}-{max(banks)}"
+            lines.append(
+                f"| {category} | {ratio} | {row['k']} | {len(row['seeds'])} | "
+                + " | ".join(cells)
+                + f" | {bank} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["table"]:
+        print(table(sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from tqdm import tqdm
 
 from adx.models.components import coreset
 from adx.models.components.coreset import (
@@ -145,6 +148,10 @@ def test_progress_bar(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mo
     assert len(lines) > 2 and all(line.startswith("bank: ") for line in lines), lines
     assert "300/300 points" in lines[-1] and "elapsed, ETA " in lines[-1] and "pt/s" in lines[-1]
     assert "\r" not in "".join(lines)
+    with tqdm(total=1, file=sys.stderr):  # an outer bar (Lightning's): no cursor moves in the log lines
+        greedy_coreset(torch.randn(600, 4), 300, progress=True, desc="bank")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bank")]
+    assert lines and not any("\x1b" in line for line in lines)
 
 
 def test_projection_in_parts_selects_the_same() -> None:

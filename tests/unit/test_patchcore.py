@@ -6,11 +6,13 @@ import copy
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from adx import distributed
+from adx.models.components import pool as pool_module
 from adx.models.components.coreset import greedy_coreset, sample_size
 from adx.models.components.pool import PatchPool, coreset_bank
 from adx.models.components.weights import restoring_weights
@@ -71,6 +73,14 @@ def test_keys_order_the_pool_and_repeats_count_once() -> None:
     assert torch.equal(bank, _expected(rows, 0.1, 8, seed=0))  # as if loaded in path order, once each
 
 
+def test_keys_sort_as_the_data_listers_sort_paths() -> None:
+    keys = ["/d/a-b/c.png", "/d/a/b.png", "/d/a/a.png", "/d/a/b.png"]  # "-" < "/" as characters, not as paths
+    order = pool_module._canonical(keys)
+    assert [keys[i] for i in order] == [str(p) for p in sorted({Path(k) for k in keys})]
+    assert order == [2, 1, 0]
+    assert pool_module._canonical(["b", None, "a"]) == [0, 1, 2]  # a missing key: arrival order
+
+
 def test_read_back_and_errors() -> None:
     rows = _images_rows(3, 10, 8)
     pool = PatchPool(8, 4, store="disk")
@@ -79,9 +89,11 @@ def test_read_back_and_errors() -> None:
     with pytest.raises(RuntimeError, match="before finish"):
         pool.read(torch.tensor([0]))
     pool.finish([2, 0, 1])
+    got = pool.read(torch.tensor([15, 0, 1, 2, 15, 29]))  # a run of rows and a repeat
     assert torch.equal(
-        pool.read(torch.tensor([0, 15, 29])), torch.stack([rows[2][0], rows[0][5], rows[1][9]])
+        got, torch.stack([rows[0][5], rows[2][0], rows[2][1], rows[2][2], rows[0][5], rows[1][9]])
     )
+    assert pool.read(torch.tensor([], dtype=torch.long)).shape == (0, 8)
     with pytest.raises(RuntimeError, match="after finish"):
         pool.add(rows[0])
     pool.close()

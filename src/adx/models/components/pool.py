@@ -7,8 +7,8 @@ anonymous temporary file (``$TMPDIR``, removed when closed or when the process e
 appended image by image with no concatenation copy. Only the selected rows are read back, at full float32
 precision, so the memory bank is the one the whole pool in memory would give.
 
-:func:`coreset_bank` puts the pool in a canonical order (images sorted by key, the image path; duplicate
-keys kept once) and, inside a process group, gathers it from every rank with
+:func:`coreset_bank` puts the pool in a canonical order (images sorted by key, the image path, as the
+data listers sort; duplicate keys kept once) and, inside a process group, gathers it from every rank with
 :func:`adx.distributed.gather_rows`: the projected rows of every image go to every rank, each rank runs
 the same (deterministic) selection, and each reads its own selected full rows, which are gathered into the
 bank. N processes that each see a disjoint shard of the images (padded by repeats, as DistributedSampler
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from pathlib import PurePath
 from typing import IO
 
 import numpy as np
@@ -160,9 +161,7 @@ class PatchPool:
             return out
         rows, where = torch.sort(arrival)  # read in file order
         if self._file is not None:
-            table = np.memmap(self._file, dtype=np.float32, mode="r", shape=(self._on_disk, self.dim))
-            out[where] = torch.from_numpy(np.ascontiguousarray(table[rows.numpy()]))
-            del table
+            out[where] = self._read_file(rows)
             return out
         ends = torch.tensor(np.cumsum(self.sizes), dtype=torch.long)
         image = torch.searchsorted(ends, rows, right=True)
@@ -171,6 +170,25 @@ class PatchPool:
             mask = image == i
             out[where[mask]] = self._full[i].index_select(0, within[mask])
         return out
+
+    def _read_file(self, rows: Tensor) -> Tensor:
+        """Rows [m] (ascending) of the file -> float32 [m, D], one read per run of consecutive rows.
+
+        Plain reads, not a memory map: a map would count the pages that the kernel reads ahead around every
+        row in this process's resident memory (+3.5 GB reading 32,768 scattered 4 KiB rows of a 4 GB file).
+        """
+        assert self._file is not None
+        unique, inverse = torch.unique_consecutive(rows, return_inverse=True)
+        out = np.empty((len(unique), self.dim), dtype=np.float32)
+        index = unique.numpy()
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        row_bytes = 4 * self.dim
+        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)], strict=True):
+            self._file.seek(int(index[start]) * row_bytes)
+            view = memoryview(out[start:stop]).cast("B")
+            if self._file.readinto(view) != len(view):
+                raise OSError("the patch pool's temporary file is shorter than expected")
+        return torch.from_numpy(out).index_select(0, inverse)
 
     def close(self) -> None:
         """Free the rows and remove the temporary file."""
@@ -196,13 +214,17 @@ def _decode_keys(codes: Tensor) -> list[str]:
 
 
 def _canonical(keys: Sequence[str | None]) -> list[int]:
-    """Indices of ``keys`` sorted by key, the first of repeated keys only; all, in order, if one is None."""
+    """Indices of ``keys`` sorted as paths, the first of repeated keys only; all, in order, if one is None.
+
+    Paths sort as the data listers sort them (``sorted`` over ``Path``), so a single process that reads the
+    training images in listing order keeps that order.
+    """
     if any(key is None for key in keys):
         return list(range(len(keys)))
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)  # type: ignore[arg-type]
-    return [first[key] for key in sorted(first)]  # type: ignore[type-var]
+    return [first[key] for key in sorted(first, key=PurePath)]
 
 
 def _rows_of(images: list[int], starts: Tensor, sizes: Tensor) -> Tensor:
