@@ -197,6 +197,36 @@ TRAIN_VS_PEER = Table(
 )
 
 
+HIGHRES = Transposed(
+    header=["quantity", "value"],
+    file="highres_wrn50_1024.json",
+    rows=[
+        lambda r: [
+            "training images x patches",
+            f"{r['pool_images']} x {whole(r['pool_patches'] / r['pool_images'])}",
+        ],
+        lambda r: [
+            "pool patches (kept on disk)",
+            f"{whole(r['pool_patches'])} ({'yes' if r['pool_on_disk'] else 'no'})",
+        ],
+        lambda r: ["memory bank (1 %)", whole(r["bank_size"])],
+        lambda r: [
+            "features, s / peak RSS, MB",
+            f"{whole(r['features_s'])} / {whole(r['peak_rss_features_mb'])}",
+        ],
+        lambda r: [
+            "coreset and bank, s / peak RSS, MB",
+            f"{whole(r['coreset_and_bank_s'])} / {whole(r['peak_rss_after_coreset_mb'])}",
+        ],
+        lambda r: ["test, s", whole(r["test_s"])],
+        lambda r: [
+            "fit + test, s / overall peak RSS, MB",
+            f"{whole(r['fit_and_test_s'])} / {whole(r['peak_rss_mb'])}",
+        ],
+    ],
+)
+
+
 def _less(r: dict[str, Any]) -> str:
     return ratio(1, "x less")(r["peer"]["peak_rss_mb"] / r["adx"]["peak_rss_mb"])
 
@@ -289,6 +319,7 @@ TABLES: dict[str, Table | Transposed] = {
     "flows": FLOWS,
     "flows-long": FLOWS_LONG,
     "train-vs-peer": TRAIN_VS_PEER,
+    "highres": HIGHRES,
     "floor": FLOOR,
 }
 

@@ -253,8 +253,27 @@ def main(args: list[str] | None = None) -> None:
         from adx.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["export"]:  # adx export: the inference module as an ONNX/OpenVINO/TorchScript bundle
+        from adx.deploy_cli import export_main
+
+        export_main(argv[1:])
+        return None
+    if argv[:1] == ["serve"]:  # adx serve: the inspection page and JSON API (docs/serve.md)
+        from adx.serve import main as serve_main
+
+        serve_main(argv[1:])
+        return None
+    if argv[:1] == ["predict"] and _option_value(argv, "--bundle")[1] is not None:
+        from adx.deploy_cli import predict_bundle_main
+
+        predict_bundle_main(argv[1:])
+        return None
     if argv[:1] in (["-h"], ["--help"]):
-        print("adx sweep --help: grid/random/TPE search over config overrides (docs/sweeps.md)\n")
+        print("adx sweep --help: grid/random/TPE search over config overrides (docs/sweeps.md)")
+        print("adx export --help: a fitted checkpoint as an ONNX/OpenVINO/TorchScript bundle")
+        print(
+            "adx predict --bundle DIR --data.path PATH: predict with a bundle, no Lightning (docs/deploy.md)\n"
+        )
     argv = expand_ckpt(argv)
     if argv[:1] == ["predict"] and _option_value(argv, "--return_predictions")[1] is None:
         # rows and heatmaps are written per batch; keeping every output would grow with the image count

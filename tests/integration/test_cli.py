@@ -209,3 +209,5 @@ def test_k_shot_run_lists_its_images(tmp_path: Path) -> None:
     (run,) = (tmp_path / "runs").glob("patchcore/synthetic/demo/v*")
     listed = (run / "k_shot.txt").read_text().split()
     assert len(listed) == 2 and all(Path(p).is_file() and "train" in p for p in listed)
+    source = json.loads((run / "metrics.json").read_text())["calibration"]["source"]
+    assert "fitted on 2 normal images (k-shot, seed 0)" in source, source

@@ -17,13 +17,14 @@ purpose, re-measure, update FLOORS and the JSON, then run ``python tools/bench_t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from tests.conftest import CONFIGS, quiet_cli
-
-from adx.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.03  # allowed drop of a trained method below its measured short-schedule value
@@ -90,11 +91,24 @@ def test_quality_floor(
     runs = tmp_path / "runs"
     root = shared_data / dataset
     config = CONFIGS / method / "offline.yaml"
-    main(
-        ["fit", "--config", str(config), "--data.root", str(root), "--data.category", category]
+    args = ["fit", "--config", str(config), "--data.root", str(root), "--data.category", category]
+    # its own process, as a user runs it: nothing another test loaded (runtimes, traced graphs) is shared
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-c",
+            "import sys; from adx.cli import main; main(sys.argv[1:])",
+        ]
+        + args
         + quiet_cli(runs)
-        + extra
+        + extra,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
+    assert proc.returncode == 0, f"adx fit exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
     (report,) = runs.rglob("metrics.json")  # one run folder
     metrics = json.loads(report.read_text())["metrics"]
     record_property("metrics", json.dumps(metrics))

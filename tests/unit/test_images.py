@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from adx import imageio
 from adx.data import AdxDataError, AdxDataWarning, AnomalyDataset, MVTec, Sample, check_samples
 from adx.data import dataset as ds
 from adx.data.dataset import _resize_array, _to_rgb_array, load_image, load_mask
@@ -21,7 +22,7 @@ GREY = 1 / 255
 @pytest.fixture(autouse=True)
 def _fresh_low_bits_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 12-bit-in-16 warning is once per process; every test starts as a fresh process would."""
-    monkeypatch.setattr(ds, "_low_bits_warned", False)
+    monkeypatch.setattr(imageio, "_low_bits_warned", False)
 
 
 def _save16(path: Path, arr: np.ndarray) -> Path:

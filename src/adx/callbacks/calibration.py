@@ -128,7 +128,14 @@ class Calibration(OutputsCallback):
             "quantile": f"{self.quantile} quantile of normal scores",
             "manual": "manual",
         }[method]
-        return f"{what} on validation '{val_source}' ({n_normal} normal, {n_anomalous} anomalous images)"
+        text = f"{what} on validation '{val_source}' ({n_normal} normal, {n_anomalous} anomalous images)"
+        k_shot = getattr(trainer.datamodule, "k_shot", None)
+        if k_shot is not None:  # few-shot: say how little the model itself saw
+            seed = getattr(trainer.datamodule, "seed", None)
+            text += (
+                f"; model fitted on {k_shot} normal image{'s' if k_shot != 1 else ''} (k-shot, seed {seed})"
+            )
+        return text
 
 
 def calibration_state(pl_module: AnomalyModule) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +36,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from adx.data.samples import AdxDataError, AdxDataWarning, Sample, swaps_axes, upright_transpose
-
-BitDepth = Union[Literal["auto"], int]
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_FLOAT_TOLERANCE = 1e-3
-_low_bits_warned = False  # the 12-bit-in-16 warning is shown once per process
+from adx.data.samples import Sample
+from adx.imageio import (  # noqa: F401  (re-exported: the data path decodes as deploy does)
+    AdxDataError,
+    AdxDataWarning,
+    BitDepth,
+    _as_l_or_rgb,
+    _decode,
+    check_bit_depth,
+    swaps_axes,
+    upright_transpose,
+)
 
 
 def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -52,18 +57,6 @@ def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
             f"image_size must be a positive int or [H, W] of positive ints, got {image_size!r}. Fix --data.image_size."
         )
     return int(hw[0]), int(hw[1])
-
-
-def check_bit_depth(bit_depth: BitDepth) -> BitDepth:
-    """Return ``bit_depth`` if it is "auto" or an int in 8..16, else raise AdxDataError."""
-    if bit_depth == "auto" or (
-        isinstance(bit_depth, int) and not isinstance(bit_depth, bool) and 8 <= bit_depth <= 16
-    ):
-        return bit_depth
-    raise AdxDataError(
-        f"bit_depth must be 'auto' or the significant bits of 16-bit images (8..16, e.g. 12 for a 12-bit "
-        f"camera), got {bit_depth!r}. Fix --data.bit_depth."
-    )
 
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -81,74 +74,6 @@ def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             raise
         resized = resize_pixels(pixels.float(), size)
         return resized.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _sixteen_bit(arr: np.ndarray, path: str, mode: str, bit_depth: BitDepth) -> float:
-    """Check a 16-bit-container array against ``bit_depth``; return the value that maps to 1.0."""
-    low, peak = int(arr.min(initial=0)), int(arr.max(initial=0))
-    if mode == "I" and (low < 0 or peak > 65535):
-        raise AdxDataError(
-            f"image '{path}' holds 32-bit integers in [{low}, {peak}], outside 0..65535; adx reads integer images "
-            "with at most 16 bits. Save it as 16-bit PNG/TIFF, or as a float TIFF scaled to [0, 1]."
-        )
-    if bit_depth == "auto":
-        if 0 < peak <= 4095:
-            _warn_low_bits(path, peak)
-        return 65535.0
-    top = 2**bit_depth - 1
-    if peak > top:
-        raise AdxDataError(
-            f"image '{path}' has a value of {peak}, above {top}, the largest value of --data.bit_depth {bit_depth}. "
-            "Set --data.bit_depth to the bits your camera writes (16 or auto for the full 16-bit range)."
-        )
-    return float(top)
-
-
-def _warn_low_bits(path: str, peak: int) -> None:
-    """Warn (once per process) that a 16-bit image only uses the low bits, naming the file and the option."""
-    global _low_bits_warned
-    if _low_bits_warned:
-        return
-    _low_bits_warned = True
-    bits = next(b for b in (8, 10, 12) if peak < 2**b)
-    warnings.warn(
-        f"image '{path}' is 16-bit but its largest value is {peak} (fits in {bits} bits): with --data.bit_depth "
-        f"auto it is scaled by 65535 and comes out nearly black. If your camera writes {bits}-bit data, pass "
-        f"--data.bit_depth {bits}; if it is genuinely dark 16-bit data, pass --data.bit_depth 16 (shown once).",
-        AdxDataWarning,
-        stacklevel=4,
-    )
-
-
-def _decode(img: Image.Image, path: str, bit_depth: BitDepth) -> tuple[np.ndarray, float]:
-    """Pixels of an upright image as (H, W) or (H, W, 3) in the file's units, and the value that maps to 1.0."""
-    mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        arr = np.array(img)
-        return arr, _sixteen_bit(arr, path, mode, bit_depth)
-    if mode == "F":
-        arr = np.array(img, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise AdxDataError(
-                f"float image '{path}' contains NaN or infinite values. Replace them (e.g. by 0) when writing it."
-            )
-        low, high = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
-        if low < -_FLOAT_TOLERANCE or high > 1.0 + _FLOAT_TOLERANCE:
-            raise AdxDataError(
-                f"float image '{path}' has values in [{low:g}, {high:g}]; adx reads float images as intensities in "
-                "[0, 1]. Rescale when you write it (e.g. divide 8-bit-range data by 255), or save it as 8/16-bit."
-            )
-        return arr, 1.0
-    return np.array(_as_l_or_rgb(img)), 255.0  # a writable copy, as torch.from_numpy wants
-
-
-def _as_l_or_rgb(img: Image.Image) -> Image.Image:
-    """8-bit image -> L (1-bit, LA) or RGB (palette colours, RGBA, CMYK, YCbCr...); alpha is dropped."""
-    if img.mode in ("L", "RGB"):
-        return img
-    if img.mode in ("1", "LA", "La"):
-        return img.convert("L")
-    return img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB").convert("RGB")
 
 
 def _load(

@@ -6,7 +6,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, TiffImagePlugin
+from PIL import Image
+
+from adx.imageio import AdxDataError, AdxDataWarning, swaps_axes, upright_transpose
+
+__all__ = [
+    "AdxDataError",
+    "AdxDataWarning",
+    "Sample",
+    "swaps_axes",
+    "upright_transpose",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MAX_LISTED_PROBLEMS = 10
@@ -21,54 +31,6 @@ class Sample:
     split: str  # "train" | "test" | "predict"
     defect_type: str = "good"
     mask_path: str | None = None
-
-
-class AdxDataError(ValueError):
-    """Bad data input; the message names the offending file/folder/key and says what to do."""
-
-
-class AdxDataWarning(UserWarning):
-    """Data that loads but probably not as the user meant (the message names the file and the option to set)."""
-
-
-_ORIENTATION_TAG = 0x0112
-_UPRIGHT = {  # EXIF orientation -> the transposition that shows the image upright (as PIL.ImageOps.exif_transpose)
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def upright_transpose(img: Image.Image) -> Image.Transpose | None:
-    """The transposition that makes an opened ``img`` upright per its EXIF orientation tag (None if upright).
-
-    Read from the header without decoding pixels: JPEG/WebP EXIF, and a PNG eXIf chunk placed before the pixel
-    data (a late eXIf chunk is ignored, by the size checks and the loader alike). TIFFs return None: PIL applies
-    their orientation tag itself on load and already reports the upright size. Unreadable EXIF counts as upright.
-    """
-    if isinstance(img, TiffImagePlugin.TiffImageFile):
-        return None
-    if isinstance(img, PngImagePlugin.PngImageFile) and "exif" not in img.info:
-        return None  # PIL would decode the whole image to look for a late eXIf chunk
-    try:
-        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # malformed EXIF: metadata only, the pixels are still usable
-        return None
-    return _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-
-
-def swaps_axes(method: Image.Transpose | None) -> bool:
-    """True if the transposition exchanges width and height (90/270 degree rotations, transpose, transverse)."""
-    return method in (
-        Image.Transpose.TRANSPOSE,
-        Image.Transpose.TRANSVERSE,
-        Image.Transpose.ROTATE_90,
-        Image.Transpose.ROTATE_270,
-    )
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adx.inference import exporting
 from adx.models.components.backbone import Backbone
 from adx.models.components.flows import (
     coupling_flow,
@@ -108,6 +109,8 @@ class CFlowModel(nn.Module):
         return gaussian_log_density(z, log_jac_det) / fibres.shape[1]
 
     def _chunked_log_likelihood(self, scale: int, fibres: Tensor, cond: Tensor) -> Tensor:
+        if exporting():  # one pass: the fibre count follows the (dynamic) batch size
+            return self.log_likelihood(scale, fibres, cond)
         return torch.cat(
             [
                 self.log_likelihood(scale, fibres[i : i + EVAL_FIBRES], cond[i : i + EVAL_FIBRES])

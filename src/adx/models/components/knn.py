@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adx.inference import exporting
+
 try:  # faiss is a declared dependency, but keep the torch path usable without it
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is missing
@@ -141,6 +143,10 @@ def knn_torch(
     """
     if bank_sq is None:
         bank_sq = bank.square().sum(1)
+    if exporting():  # one block: a loop over a dynamic query count cannot be recorded in a graph
+        block = torch.addmm(bank_sq, queries, bank.T, alpha=-2.0)
+        value, index = torch.topk(block, k, dim=1, largest=False, sorted=True)
+        return (value + queries.square().sum(1, keepdim=True)).clamp_min(0).sqrt(), index
     chunk = max(1, _TORCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
     dists, idxs = [], []
     for start in range(0, queries.shape[0], chunk):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adx import distributed
+from adx.inference import exporting
 from adx.models.components.backbone import Backbone
 from adx.models.components.coreset import sample_size
 from adx.models.components.knn import NearestNeighbours, knn_torch
@@ -141,8 +142,7 @@ class PatchCoreModel(DynamicBuffers):
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """k nearest memory-bank rows of queries [N,D]: the index when built and not tracing, else torch."""
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if self._index is None or tracing:
+        if self._index is None or exporting():
             return knn_torch(queries, self.memory_bank, k)
         return self._index.search(queries, k)
 
@@ -167,7 +167,7 @@ class PatchCoreModel(DynamicBuffers):
         s_star, where = dist.max(dim=1)
         if self.num_neighbors == 1:
             return s_star
-        rows = torch.arange(len(where), device=where.device)
+        rows = torch.arange(where.shape[0], device=where.device)
         m_star = nn_idx[rows, where]  # bank index of the nearest neighbour of the most anomalous patch
         k = min(self.num_neighbors, len(self.memory_bank))
         _, support = self.search(self.memory_bank[m_star], k=k)  # [B,k], support[:,0] is m_star

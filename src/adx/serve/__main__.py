@@ -1,0 +1,5 @@
+"""``python -m adx.serve ...`` = ``adx serve ...`` without importing Lightning."""
+
+from adx.serve import main
+
+main()
