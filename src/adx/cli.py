@@ -141,15 +141,29 @@ class AdxCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        """List the k-shot images of a few-shot run in its run folder (k_shot.txt)."""
+        """List the k-shot images of a few-shot run in its run folder (k_shot.txt); zero-shot: no training."""
         dm = self.datamodule
+        zero_shot = bool(getattr(self.model, "zero_shot", False))
+        if getattr(dm, "k_shot", None) == 0 and not zero_shot:
+            raise SystemExit(
+                f"adx: --data.k_shot 0 gives no training images, and {type(self.model).__name__} learns from "
+                "normal images: pass --data.k_shot 1 or more (or leave it unset), or use a zero-shot model."
+            )
+        if zero_shot:
+            self.trainer.limit_train_batches = 0  # nothing to train: after_fit calibrates and saves
         if getattr(dm, "k_shot", None) and self.run_dir is not None:
             dm.setup("fit")
             if not launched_as_worker():  # rank 0 writes it, once
                 _say(f"adx: k-shot images listed in {dm.write_manifest(self.run_dir)}")
 
     def after_fit(self) -> None:
-        """Evaluate the fitted model on the test split, in the same run folder."""
+        """Evaluate the fitted model on the test split, in the same run folder.
+
+        A zero-shot model (``ZeroShotModule``) trains nothing: its training loop is skipped, so it is
+        calibrated here by a validation pass and its checkpoint written before the test.
+        """
+        if getattr(self.model, "zero_shot", False) and self.trainer.state.status == "finished":
+            self._fit_zero_shot()
         if (
             _sub(self.config, self.subcommand).get("test_after_fit")
             and self.trainer.state.status == "finished"
@@ -158,6 +172,16 @@ class AdxCLI(LightningCLI):
             if getattr(self.datamodule, "test_samples", None):
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         self._report()
+
+    def _fit_zero_shot(self) -> None:
+        self.datamodule.setup("validate")
+        if getattr(self.datamodule, "val_samples", None):
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if self.run_dir is not None and self.trainer.is_global_zero:
+            path = self.run_dir / "checkpoints" / "last.ckpt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.trainer.save_checkpoint(path)
+            _say(f"adx: zero-shot model calibrated and saved in {path}")
 
     def after_validate(self) -> None:
         self._report()

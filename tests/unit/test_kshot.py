@@ -89,10 +89,17 @@ def test_k_shot_refuses_train_split_validation(root: Path) -> None:
     assert "test_split" in str(err.value) and "none" in str(err.value) and "--data.k_shot" in str(err.value)
 
 
-@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3"])
+@pytest.mark.parametrize("bad", [-1, -2, True, 2.5, "3"])
 def test_bad_k_shot_is_named(root: Path, bad: object) -> None:
     with pytest.raises(AdxDataError, match="--data.k_shot"):
         _dm(root, k_shot=bad)
+
+
+def test_zero_shot_has_no_training_images(root: Path) -> None:
+    dm = _dm(root, k_shot=0, val_source="test_split", val_ratio=0.34)
+    dm.setup("fit")
+    assert dm.train_samples == [] and dm.k_shot_paths == [] and dm.val_samples
+    assert len(dm.train_dataloader()) == 0
 
 
 def test_k_shot_above_training_images(root: Path) -> None:

@@ -130,7 +130,9 @@ class Calibration(OutputsCallback):
         }[method]
         text = f"{what} on validation '{val_source}' ({n_normal} normal, {n_anomalous} anomalous images)"
         k_shot = getattr(trainer.datamodule, "k_shot", None)
-        if k_shot is not None:  # few-shot: say how little the model itself saw
+        if getattr(trainer.lightning_module, "zero_shot", False) or k_shot == 0:
+            text += "; model fitted on no normal images (zero-shot)"
+        elif k_shot is not None:  # few-shot: say how little the model itself saw
             seed = getattr(trainer.datamodule, "seed", None)
             text += (
                 f"; model fitted on {k_shot} normal image{'s' if k_shot != 1 else ''} (k-shot, seed {seed})"

@@ -80,6 +80,7 @@ class AnomalyDataModule(L.LightningDataModule):
     dataset give the same K; the picks for K are the first K of one seeded order, so smaller K are subsets of
     larger). They are printed at setup, kept in ``k_shot_paths`` and written by ``write_manifest``. Only
     ``val_source`` test_split, test or none are allowed with it, so validation never sees more normal images.
+    ``k_shot`` 0 is zero-shot: no training images at all (for zero-shot models, ``adx.models.base.ZeroShotModule``).
 
     Several processes (torch.distributed initialised): every loader gives each rank its own part, see
     ``_loader`` and docs/distributed.md; ``_loader`` without ``stage`` (reference passes) gives every image.
@@ -115,9 +116,10 @@ class AnomalyDataModule(L.LightningDataModule):
         if val_source in ("train_split", "test_split") and not 0.0 < val_ratio < 1.0:
             raise AdxDataError(f"val_ratio must be in (0, 1), got {val_ratio}. Fix --data.val_ratio.")
         if k_shot is not None:
-            if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+            if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
                 raise AdxDataError(
-                    f"k_shot must be a whole number >= 1 (or unset for all training images), got {k_shot!r}. "
+                    f"k_shot must be a whole number >= 0 (0: zero-shot, no training images; unset: all of "
+                    f"them), got {k_shot!r}. "
                     "Fix --data.k_shot."
                 )
             if val_source == "train_split":
@@ -300,6 +302,7 @@ class AnomalyDataModule(L.LightningDataModule):
         """
         dataset = AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg)
         sampler: Sampler | None = None
+        shuffle = shuffle and len(samples) > 0  # zero-shot: an empty training set, nothing to shuffle
         if stage is not None and is_distributed():
             if shuffle:
                 sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=self.seed)

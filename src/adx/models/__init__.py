@@ -1,6 +1,6 @@
 """Every method adx ships; importing this package registers them for the CLI."""
 
-from adx.models.base import AnomalyModule, MemoryBankModule
+from adx.models.base import AnomalyModule, MemoryBankModule, ZeroShotModule
 from adx.models.cflow import CFlow
 from adx.models.fastflow import FastFlow
 from adx.models.padim import Padim
@@ -16,6 +16,7 @@ __all__ = [
     "Padim",
     "PatchCore",
     "TrainedModule",
+    "ZeroShotModule",
 ]
 
 MODELS: dict[str, type[AnomalyModule]] = {

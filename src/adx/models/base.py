@@ -174,6 +174,31 @@ class MemoryBankModule(AnomalyModule):
             self.model.fit()
 
 
+class ZeroShotModule(AnomalyModule):
+    """Adapter for methods that fit from no normal images: what they know comes with them (prompts, weights).
+
+    ``adx fit`` trains nothing: with ``--data.k_shot 0`` (no training images) or any training set, which is
+    ignored, it runs validation to calibrate the thresholds (``--data.val_source test_split``, ``test`` or
+    ``none``), writes ``checkpoints/last.ckpt`` and tests. The thresholds' source says the model was fitted
+    on no normal images. Everything else (inference module, export, serving) is the common path.
+    """
+
+    zero_shot = True
+    """Read by the CLI: skip the training loop, calibrate by a validation pass, then save and test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> None:
+        """Nothing to optimise."""
+        return None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Never asked for: the CLI skips the training loop of a zero-shot model."""
+        return None
+
+
 def select(batch: dict[str, Any], keep: Tensor) -> dict[str, Any]:
     """The rows of a batch dict where the bool tensor ``keep`` [B] is True (tensors, lists and feature lists)."""
     idx = keep.nonzero().flatten()
