@@ -21,7 +21,6 @@ backbone and its weights hash, adx version, the checkpoint's hash, and the outpu
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ import torch
 
 import adx
 from adx.inference import OUTPUT_NAMES, ExportModule
+from adx.models.components.weights import sha256_file
 
 Format = Literal["onnx", "openvino", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "openvino", "torchscript")
@@ -43,14 +43,6 @@ OPSET = 18
 
 class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why and what to do."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def metadata(model: Any, fmt: str, fp16: bool, ckpt_path: str | Path | None) -> dict[str, Any]:
@@ -80,7 +72,7 @@ def metadata(model: Any, fmt: str, fp16: bool, ckpt_path: str | Path | None) -> 
         },
         "adx_version": adx.__version__,
         "checkpoint": None if ckpt_path is None else str(ckpt_path),
-        "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
+        "checkpoint_sha256": None if ckpt_path is None else sha256_file(ckpt_path),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
