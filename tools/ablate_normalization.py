@@ -511,30 +511,33 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- table
+def method_table(records: list[dict[str, Any]], method: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (normalisation x category: image AUROC / pixel AUROC / AUPRO) of one method's records."""
+    rows = [r for r in records if r["method"] == method]
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    body = []
+    for key in dict.fromkeys(_row_key(r) for r in rows):
+        cells = []
+        for cat in cats:
+            hit = [r for r in rows if r["category"] == cat and _row_key(r) == key]
+            cells.append(
+                " ; ".join(f"{r['image_AUROC']:.3f} / {r['pixel_AUROC']:.3f} / {r['AUPRO']:.3f}" for r in hit)
+                or "-"
+            )
+        first = next(r for r in rows if _row_key(r) == key)
+        stats = _fmt(tuple(first["mean"]), tuple(first["std"])) if first["norm"] != "data" else "from data"
+        body.append([key, stats, *cells])
+    return ["normalisation", "mean / std", *cats], body
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     """Markdown table (image AUROC / pixel AUROC / AUPRO) per category x norm from record files."""
     records = [r for path in args.files for r in json.loads(Path(path).read_text())]
     for method in dict.fromkeys(r["method"] for r in records):
-        rows = [r for r in records if r["method"] == method]
-        cats = list(dict.fromkeys(r["category"] for r in rows))
+        header, body = method_table(records, method)
         print(f"\n{method}: image AUROC / pixel AUROC / AUPRO\n")
-        print("| normalisation | mean / std | " + " | ".join(cats) + " |")
-        print("|---|---|" + "---|" * len(cats))
-        for key in dict.fromkeys(_row_key(r) for r in rows):
-            cells = []
-            for cat in cats:
-                hit = [r for r in rows if r["category"] == cat and _row_key(r) == key]
-                cells.append(
-                    " ; ".join(
-                        f"{r['image_AUROC']:.3f} / {r['pixel_AUROC']:.3f} / {r['AUPRO']:.3f}" for r in hit
-                    )
-                    or "-"
-                )
-            first = next(r for r in rows if _row_key(r) == key)
-            stats = (
-                _fmt(tuple(first["mean"]), tuple(first["std"])) if first["norm"] != "data" else "from data"
-            )
-            print(f"| {key} | {stats} | " + " | ".join(cells) + " |")
+        for cells in [header, ["---"] * len(header), *body]:
+            print("| " + " | ".join(cells) + " |")
 
 
 def _row_key(r: dict[str, Any]) -> str:

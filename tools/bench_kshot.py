@@ -129,34 +129,36 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def table(paths: list[str]) -> str:
-    """Markdown table: one row per category x options x k, mean +- std (min-max) over the seeds."""
-    lines = [
-        "| category | coreset ratio | k | seeds | image AUROC | pixel AUROC | AUPRO | memory bank |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for path in paths:
-        doc = json.loads(Path(path).read_text())
-        category = doc["runs"][0]["category"]
-        for row in doc["summary"]:
-            banks = [
-                r["memory_bank"] for r in doc["runs"] if r["k"] == row["k"] and r["options"] == row["options"]
-            ]
-            cells = []
-            for m in ("image_AUROC", "pixel_AUROC", "AUPRO"):
-                v = row[m]
-                cells.append(
-                    f"{v['mean']:.3f}"
-                    if len(row["seeds"]) == 1
-                    else f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
-                )
-            ratio = row["options"].get("model.coreset_ratio", "0.1 (config)")
-            bank = f"{min(banks)}" if min(banks) == max(banks) else f"{min(banks)}-{max(banks)}"
-            lines.append(
-                f"| {category} | {ratio} | {row['k']} | {len(row['seeds'])} | "
-                + " | ".join(cells)
-                + f" | {bank} |"
+HEADER = ["category", "coreset ratio", "k", "seeds", "image AUROC", "pixel AUROC", "AUPRO", "memory bank"]
+
+
+def rows(doc: dict[str, Any]) -> list[list[str]]:
+    """Table cells per options x k of one category's record: mean ± std (min-max) over the seeds."""
+    out = []
+    category = doc["runs"][0]["category"]
+    for row in doc["summary"]:
+        banks = [
+            r["memory_bank"] for r in doc["runs"] if r["k"] == row["k"] and r["options"] == row["options"]
+        ]
+        cells = []
+        for m in ("image_AUROC", "pixel_AUROC", "AUPRO"):
+            v = row[m]
+            cells.append(
+                f"{v['mean']:.3f}"
+                if len(row["seeds"]) == 1
+                else f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
             )
+        ratio = row["options"].get("model.coreset_ratio", "0.1 (config)")
+        bank = f"{min(banks)}" if min(banks) == max(banks) else f"{min(banks)}-{max(banks)}"
+        out.append([category, str(ratio), str(row["k"]), str(len(row["seeds"])), *cells, bank])
+    return out
+
+
+def table(paths: list[str]) -> str:
+    """Markdown table of the records at ``paths`` (docs/benchmarks.md generates the same)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for path in paths:
+        lines += ["| " + " | ".join(r) + " |" for r in rows(json.loads(Path(path).read_text()))]
     return "\n".join(lines)
 
 

@@ -25,6 +25,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+import bench_tiling  # tools/ is on sys.path when this runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 BENCH = ROOT / "docs" / "bench"
@@ -110,6 +112,14 @@ class Transposed:
     rows: list[Callable[[dict[str, Any]], list[str]]]
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A table whose header and rows a function builds from its reports (keyed by file name)."""
+
+    files: list[str]
+    build: Callable[[dict[str, Any]], tuple[list[str], list[list[str]]]]
+
+
 def lookup(tree: Any, path: str) -> Any:
     """``tree["a"]["b"]`` for path ``a.b`` (``a.0`` indexes lists); the whole tree for an empty path."""
     for part in path.split(".") if path else []:
@@ -193,6 +203,99 @@ TRAIN_VS_PEER = Table(
     rows=[
         Row("FastFlow", {"r": "fastflow_train_vs_peer.json"}),
         Row("CFlow", {"r": "cflow_train_vs_peer.json"}),
+    ],
+)
+
+
+def _epochs(r: dict[str, Any]) -> str:
+    """Per-epoch seconds, e.g. ``31.7 / 30.7 / 26.8``."""
+    return " / ".join(fixed(1)(s) for s in r["epoch_seconds"])
+
+
+TRAIN_CACHE_VS_PEER = Table(
+    columns=[
+        Col("method", "label"),
+        Col("adx epochs, s (1st fills the cache)", "r", "adx", _epochs),
+        Col("anomalib 2.7 epochs, s", "r", "peer", _epochs),
+        Col("adx, images/s", "r", "adx.train_img_per_s", fixed(1)),
+        Col("anomalib 2.7, images/s", "r", "peer.train_img_per_s", fixed(1)),
+        Col("ratio", "r", "train_throughput_ratio", ratio(2)),
+        Col(
+            "peak RSS adx / peer, MB",
+            "r",
+            "",
+            lambda r: f"{whole(r['adx']['peak_rss_mb'])} / {whole(r['peer']['peak_rss_mb'])}",
+        ),
+    ],
+    rows=[
+        Row("FastFlow", {"r": "fastflow_train_cache_vs_peer.json"}),
+        Row("CFlow", {"r": "cflow_train_cache_vs_peer.json"}),
+    ],
+)
+
+
+TILING = Rendered(
+    files=[f"tiling_{name}.json" for name in bench_tiling.RUNS],
+    build=lambda reports: (
+        bench_tiling.HEADER,
+        [bench_tiling.row(name, reports[f"tiling_{name}.json"]) for name in bench_tiling.RUNS],
+    ),
+)
+
+
+def _runtime(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per model x batch size: median ms per call of each runtime, images/s and speed-up vs torch."""
+    header = [
+        "model",
+        "batch",
+        "torch, ms",
+        "ONNX Runtime, ms",
+        "OpenVINO, ms",
+        "images/s torch / ORT / OV",
+        "ORT vs torch",
+        "OV vs torch",
+    ]
+    body = []
+    for m in reports["runtime_cpu.json"]["models"]:
+        h, w = m["input_size"]
+        bank = f", bank {whole(m['bank_rows'])} rows" if m.get("bank_rows") else ""
+        for batch, per in m["batches"].items():
+            t, o, v = (per[k] for k in ("torch", "onnxruntime", "openvino"))
+            body.append(
+                [
+                    f"{m['method']} ({image_size([h, w])} px{bank})",
+                    batch,
+                    fixed(1)(t["median_ms"]),
+                    fixed(1)(o["median_ms"]),
+                    fixed(1)(v["median_ms"]),
+                    " / ".join(fixed(1)(r["images_per_s"]) for r in (t, o, v)),
+                    ratio(2)(o["speedup_vs_torch"]),
+                    ratio(2)(v["speedup_vs_torch"]),
+                ]
+            )
+    return header, body
+
+
+RUNTIME = Rendered(files=["runtime_cpu.json"], build=_runtime)
+
+
+def serve_row(label: str, file: str) -> Row:
+    return Row(label, {"r": file})
+
+
+SERVE = Table(
+    columns=[
+        Col("bundle", "label"),
+        Col("1 client p50 / p95, ms", "r", "single_client", lambda c: f"{c['p50_ms']} / {c['p95_ms']}"),
+        Col("20 clients p50 / p95, ms", "r", "", lambda r: f"{r['p50_ms']} / {r['p95_ms']}"),
+        Col("requests/s (20 clients)", "r", "throughput_rps", fixed(1)),
+        Col("failures / requests", "r", "", lambda r: f"{r['n_failures']} / {r['requests']}"),
+        Col("load before", "r", "machine.load_average_before", fixed(2)),
+    ],
+    rows=[
+        serve_row("PatchCore demo (synthetic, 128 px), shared machine", "serve_load.json"),
+        serve_row("PaDiM, screw (256 px)", "serve_load_padim_screw.json"),
+        serve_row("PatchCore, screw (320 px, 46,080-row bank)", "serve_load_patchcore_screw.json"),
     ],
 )
 
@@ -313,13 +416,17 @@ FLOOR = Table(
     ],
 )
 
-TABLES: dict[str, Table | Transposed] = {
+TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
     "patchcore-vs-peer": PATCHCORE_VS_PEER,
     "flows": FLOWS,
     "flows-long": FLOWS_LONG,
     "train-vs-peer": TRAIN_VS_PEER,
+    "train-cache-vs-peer": TRAIN_CACHE_VS_PEER,
     "highres": HIGHRES,
+    "tiling": TILING,
+    "runtime": RUNTIME,
+    "serve": SERVE,
     "floor": FLOOR,
 }
 
@@ -345,17 +452,21 @@ def _cell(col: Col, data: dict[str, Any]) -> str:
 def build_table(name: str, bench: Path) -> str:
     """The Markdown lines of table ``name`` from the JSON under ``bench``."""
     spec = TABLES[name]
-    files = (
-        [spec.file]
-        if isinstance(spec, Transposed)
-        else sorted({f for r in spec.rows for f in r.files.values()})
-    )
+    files: list[str]
+    if isinstance(spec, Rendered):
+        files = list(spec.files)
+    elif isinstance(spec, Transposed):
+        files = [spec.file]
+    else:
+        files = sorted({f for r in spec.rows for f in r.files.values()})
     missing = [str(bench / f) for f in files if not (bench / f).is_file()]
     if missing:
         raise TableError(f"table {name}: missing report(s) {', '.join(missing)}")
     reports = {f: json.loads((bench / f).read_text()) for f in files}
     try:
-        if isinstance(spec, Transposed):
+        if isinstance(spec, Rendered):
+            header, body = spec.build(reports)
+        elif isinstance(spec, Transposed):
             header, body = spec.header, [row(reports[spec.file]) for row in spec.rows]
         else:
             header = [c.header for c in spec.columns]

@@ -180,7 +180,7 @@ class AdxCLI(LightningCLI):
         if self.run_dir is not None and self.trainer.is_global_zero:
             path = self.run_dir / "checkpoints" / "last.ckpt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)
             _say(f"adx: zero-shot model calibrated and saved in {path}")
 
     def after_validate(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from adx.calibration import Calibrator
+from adx.tiling import TileGrid, Tiler
 
 
 class Prediction(NamedTuple):
@@ -74,10 +75,24 @@ class Resize(nn.Module):
 
 
 class InferenceModule(nn.Module):
-    """Images [B,3,H,W] in [0,1] -> :class:`Prediction` (resize, model, calibration)."""
+    """Images [B,3,H,W] in [0,1] -> :class:`Prediction` (resize, model, calibration).
 
-    def __init__(self, model: nn.Module, calibrator: Calibrator, size: tuple[int, int] | None) -> None:
+    With a tile ``grid`` (:class:`adx.tiling.TileGrid`) ``size`` is its canvas and the model runs on the
+    grid's tiles, its maps blended back to the canvas (:class:`adx.tiling.Tiler`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibrator: Calibrator,
+        size: tuple[int, int] | None,
+        grid: TileGrid | None = None,
+    ) -> None:
         super().__init__()
+        if grid is not None:
+            if size is None or tuple(size) != tuple(grid.canvas):
+                raise ValueError(f"a tiled model needs its canvas {grid.canvas} as input size, got {size}")
+            model = Tiler(model, grid)
         self.resize, self.model, self.calibrator = Resize(size), model, calibrator
 
     def forward(self, images: Tensor) -> Prediction:

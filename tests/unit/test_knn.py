@@ -79,6 +79,30 @@ def test_backend_names_and_torch_chunking(monkeypatch: pytest.MonkeyPatch) -> No
     _check(bank, torch.randn(30, 4), 4, "torch")
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_graph_path_splits_the_bank_and_finds_the_same_neighbours(
+    monkeypatch: pytest.MonkeyPatch, k: int
+) -> None:
+    """While a graph is recorded the search loops over static bank blocks (13 rows here: 8 blocks)."""
+    from adx.models.components import knn
+
+    gen = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(100, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    blocks = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(knn, "GRAPH_BANK_BLOCK", 13)
+    monkeypatch.setattr(knn, "exporting", lambda: True)
+    monkeypatch.setattr(
+        knn.torch, "addmm", lambda b, q, m, **kw: blocks.append(m.shape[1]) or real_addmm(b, q, m, **kw)
+    )
+    dist, idx = knn.knn_torch(queries, bank, k)
+    monkeypatch.undo()
+    assert blocks == [13] * 7 + [9]  # the distance blocks are [40, 13] at most, never [40, 100]
+    ref_dist, ref_idx = _brute_force(bank, queries, k)
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-4, atol=1e-5)
+    assert torch.equal(idx, ref_idx)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_errors(backend: str) -> None:
     nn = NearestNeighbours(torch.randn(10, 3), backend=backend)

@@ -28,7 +28,7 @@ class Checkpoint(ModelCheckpoint):
         due = self.last_every >= 1 and (trainer.current_epoch + 1) % self.last_every == 0
         if due and self.save_top_k == 0 and self.save_last and self.dirpath and not trainer.sanity_checking:
             path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # resumable: optimizer and loop states too
             # tell Lightning this file is ours, so its own save of ``last`` overwrites it instead of
             # versioning a second copy (``last-v1.ckpt``)
             self.last_model_path = path

@@ -199,7 +199,7 @@ class RowWriter:
 
 
 def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """Model, data, device and backbone-weights facts recorded next to the metrics."""
+    """Model, data, device, backbone-weights and data-source facts recorded next to the metrics."""
     dm = trainer.datamodule
     backbone = getattr(getattr(pl_module, "model", None), "backbone", None)
     return {
@@ -211,6 +211,7 @@ def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
             "category": getattr(dm, "category", None),
             "image_size": getattr(dm, "image_size", None),
             "val_source": getattr(dm, "val_source", None),
+            "tiling": _tiling_facts(pl_module, dm),
         },
         "device": str(pl_module.device),
         "processes": world_size(),
@@ -219,4 +220,26 @@ def run_facts(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
             "file": getattr(backbone, "weights_source", None),
             "sha256": getattr(backbone, "weights_sha256", None),
         },
+        "sources": data_sources(pl_module),
+    }
+
+
+def data_sources(pl_module: LightningModule) -> dict[str, Any] | None:
+    """What the model trained on besides the images (synthetic-anomaly textures, ...), from its
+    ``data_sources()`` hook (e.g. ``{"anomalies": PerlinAnomaly.provenance()}``); None for models without one."""
+    hook = getattr(getattr(pl_module, "model", None), "data_sources", None)
+    return hook() if callable(hook) else None
+
+
+def _tiling_facts(pl_module: LightningModule, dm: Any) -> dict[str, Any] | None:
+    """The model's tile grid (None when not tiled) and whether training used tiles."""
+    grid = getattr(pl_module, "tile_grid", None)
+    if grid is None:
+        return None
+    return {
+        "canvas": list(grid.canvas),
+        "tile_size": list(grid.tile),
+        "stride": list(grid.stride),
+        "tiles": grid.count,
+        "train_tiles": getattr(dm, "train_on_tiles", None),
     }

@@ -18,7 +18,9 @@ from adx.data.goodng import list_goodng
 from adx.data.mvtec import ROOT_ENV, check_root, list_mvtec
 from adx.data.samples import AdxDataError, Sample, check_samples, is_image_file, list_images
 from adx.data.synthetic import make_synthetic
+from adx.data.tiles import TileDataset, TileShuffleSampler
 from adx.distributed import ShardSampler, even_batch_size, is_distributed, rank, world_size
+from adx.tiling import TileGrid, make_grid
 
 ValSource = Literal["train_split", "test_split", "test", "none"]
 CACHE_ENV = "ADX_CACHE_DIR"
@@ -84,6 +86,12 @@ class AnomalyDataModule(L.LightningDataModule):
 
     Several processes (torch.distributed initialised): every loader gives each rank its own part, see
     ``_loader`` and docs/distributed.md; ``_loader`` without ``stage`` (reference passes) gives every image.
+
+    ``tile_size`` (None: off) turns tiling on (docs/tiling.md): ``image_size`` is then the canvas every
+    image is resized to, the model sees ``tile_size`` tiles of it at ``tile_stride`` (None: 3/4 of the tile)
+    and validation, test and predict images stay whole canvases (the model's inference module cuts and
+    blends them). ``train_tiles`` (default True) trains on every grid tile of the training canvases, one
+    sample each (``batch_size`` then counts tiles); False trains on the whole canvases.
     """
 
     def __init__(
@@ -100,9 +108,21 @@ class AnomalyDataModule(L.LightningDataModule):
         bit_depth: BitDepth = "auto",
         fast_jpeg: bool = False,
         k_shot: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
+        tile_stride: int | tuple[int, int] | None = None,
+        train_tiles: bool = True,
     ) -> None:
         super().__init__()
         self.image_size = to_hw(image_size)
+        if tile_size is None and tile_stride is not None:
+            raise AdxDataError(
+                f"--data.tile_stride {tile_stride} is set but tiling is off: set --data.tile_size too (e.g. "
+                f"--data.tile_size 256), or drop --data.tile_stride."
+            )
+        self.tiling: TileGrid | None = (
+            None if tile_size is None else make_grid(image_size, tile_size, tile_stride)
+        )
+        self.train_tiles = bool(train_tiles)
         self.bit_depth = check_bit_depth(bit_depth)
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
@@ -265,8 +285,16 @@ class AnomalyDataModule(L.LightningDataModule):
         }[self.val_source]
         h, w = self.image_size
         depth = f", 16-bit images read as {self.bit_depth}-bit" if self.bit_depth != "auto" else ""
+        tiles = ""
+        if self.tiling is not None:
+            on = (
+                f"training on its {len(self.train_samples) * self.tiling.count} tiles"
+                if self.train_on_tiles
+                else "training on whole canvases"
+            )
+            tiles = f", {self.tiling.describe()}; {on}"
         lines = [
-            f"[adx.data] {self.name}/{self.category} @ {h}x{w}{depth}{self._summary_note()}",
+            f"[adx.data] {self.name}/{self.category} @ {h}x{w}{depth}{tiles}{self._summary_note()}",
             f"  train {len(self.train_samples)} | val {len(self.val_samples)} ({val_good} good, "
             f"{len(self.val_samples) - val_good} defective; {self.val_source}: {val_desc})",
             f"  test  {len(self.test_samples)} ({n_good} good, {n_bad} defective)",
@@ -289,25 +317,46 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         return "\n".join(lines)
 
+    # --- tiling ----------------------------------------------------------------------------------------------
+    @property
+    def train_on_tiles(self) -> bool:
+        """True when training images are given as their grid tiles (tiling on and ``train_tiles``)."""
+        return self.tiling is not None and self.train_tiles
+
+    @property
+    def tiles_per_image(self) -> int:
+        """Training samples per training image: the grid's tile count when training on tiles, else 1."""
+        return self.tiling.count if self.train_on_tiles and self.tiling is not None else 1
+
     # --- loaders ---------------------------------------------------------------------------------------------
     def _loader(
-        self, samples: list[Sample], batch_size: int, shuffle: bool, stage: str | None = None
+        self,
+        samples: list[Sample],
+        batch_size: int,
+        shuffle: bool,
+        stage: str | None = None,
+        tiles: bool = False,
     ) -> DataLoader:
         """DataLoader over ``samples`` with this module's worker settings (all of them, on every rank).
 
         With ``stage`` named and several processes, this rank's part only: a seeded ``DistributedSampler``
         reshuffled every epoch when ``shuffle`` (gradient training; it repeats a few images so that every
         rank takes the same number of steps), else a disjoint slice without repeats (:class:`ShardSampler`)
-        and a batch size that gives every rank the same number of batches.
+        and a batch size that gives every rank the same number of batches. ``tiles``: the grid tiles of the
+        canvases, one sample each (:class:`TileDataset`), shuffled by :class:`TileShuffleSampler`.
         """
-        dataset = AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg)
+        dataset: Any = AnomalyDataset(samples, self.image_size, self.bit_depth, self.fast_jpeg)
         sampler: Sampler | None = None
         shuffle = shuffle and len(samples) > 0  # zero-shot: an empty training set, nothing to shuffle
+        if tiles and self.tiling is not None:
+            dataset = TileDataset(dataset, self.tiling)
+            if shuffle and not (stage is not None and is_distributed()):
+                sampler, shuffle = TileShuffleSampler(len(samples), self.tiling.count, self.seed), False
         if stage is not None and is_distributed():
             if shuffle:
                 sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=self.seed)
             else:
-                batch_size = self._even_batch_size(len(samples), batch_size, stage)
+                batch_size = self._even_batch_size(len(dataset), batch_size, stage)
                 sampler = ShardSampler(dataset, world_size(), rank())
             shuffle = False
         return DataLoader(
@@ -345,7 +394,19 @@ class AnomalyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # one-pass methods read each image once, in listing order (the same bank/statistics on any number of
         # processes); trained methods get shuffled batches
-        return self._loader(self.train_samples, self.batch_size, shuffle=not self._one_pass, stage="train")
+        return self._loader(
+            self.train_samples,
+            self.batch_size,
+            shuffle=not self._one_pass,
+            stage="train",
+            tiles=self.train_on_tiles,
+        )
+
+    def reference_dataloader(self) -> DataLoader:
+        """Every training image (its tiles when training on tiles), in order, for reference-statistics passes."""
+        return self._loader(
+            self.train_samples, self.eval_batch_size, shuffle=False, tiles=self.train_on_tiles
+        )
 
     def val_dataloader(self) -> DataLoader | list[Any]:
         if not self.val_samples:

@@ -24,6 +24,7 @@ import adx
 from adx.calibration import Calibrator
 from adx.distributed import fit_without_ddp_wrapper
 from adx.inference import InferenceModule
+from adx.tiling import TileGrid, check_tile_multiple
 
 CHECKPOINT_FORMAT = 3
 """Layout version of adx checkpoints; 3 = calibration in ``calibrator.*``, fitted input size stored."""
@@ -44,8 +45,10 @@ class AnomalyModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.calibrator = Calibrator()
-        # (H, W) of the images the model was fitted on; (0, 0) until fit starts
+        # (H, W) of the images the model was fitted on; (0, 0) until fit starts (with tiling: the canvas)
         self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        # [tile_h, tile_w, stride_h, stride_w] of the tiles the canvas is cut into; zeros: no tiling
+        self.register_buffer("tiling", torch.zeros(4, dtype=torch.long))
 
     # ---- calibration -------------------------------------------------------------------------
     @property
@@ -63,10 +66,22 @@ class AnomalyModule(LightningModule):
         self.calibrator.set(source, n_normal, n_anomalous, **values)
 
     # ---- the inference path ------------------------------------------------------------------
-    def inference_module(self) -> InferenceModule:
-        """Resize -> model -> calibration for raw image batches of any size (shares this module's parts)."""
+    @property
+    def tile_grid(self) -> TileGrid | None:
+        """The tile grid the model was fitted with (from its buffers, so checkpoints restore it); None: off."""
         h, w = (int(v) for v in self.input_size)
-        return InferenceModule(self.model, self.calibrator, (h, w) if h > 0 and w > 0 else None)
+        return TileGrid.from_tensor((h, w), self.tiling) if h > 0 and w > 0 else None
+
+    def inference_module(self) -> InferenceModule:
+        """Resize -> model (tiled when fitted on tiles) -> calibration for raw image batches of any size.
+
+        Shares this module's parts. With tiling the model runs on the grid's tiles of the resized canvas and
+        the maps are blended back (:class:`adx.tiling.Tiler`).
+        """
+        h, w = (int(v) for v in self.input_size)
+        return InferenceModule(
+            self.model, self.calibrator, (h, w) if h > 0 and w > 0 else None, self.tile_grid
+        )
 
     def check_fitted(self) -> None:
         """Raise RuntimeError (saying what to do) when the model cannot score images yet."""
@@ -75,9 +90,37 @@ class AnomalyModule(LightningModule):
             check()
 
     def on_fit_start(self) -> None:
-        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        dm = getattr(self.trainer, "datamodule", None)
+        size = getattr(dm, "image_size", None)
         if size is not None:
             self.input_size.copy_(torch.as_tensor(tuple(size), dtype=torch.long))
+        grid: TileGrid | None = getattr(dm, "tiling", None)
+        self.tiling.copy_(grid.as_tensor() if grid is not None else torch.zeros(4, dtype=torch.long))
+        if grid is not None:
+            self.check_tiling(grid, bool(getattr(dm, "train_on_tiles", True)))
+
+    # tiles must be trained on when the model is tied to the input grid (PaDiM's Gaussian per position)
+    needs_tile_training = False
+
+    def check_tiling(self, grid: TileGrid, train_on_tiles: bool) -> None:
+        """Raise AdxDataError when the tiles do not suit the backbone, or the model must train on tiles."""
+        backbone = getattr(self.model, "backbone", None)
+        strides = tuple(getattr(backbone, "strides", ()) or ())
+        if strides:
+            what = f"the largest stride of {getattr(backbone, 'name', 'the backbone')}'s maps used by {type(self).__name__}"
+            check_tile_multiple(grid, max(strides), what)
+        if not train_on_tiles and (self.needs_tile_training or getattr(self.model, "zscore_map", False)):
+            from adx.data.samples import AdxDataError
+
+            raise AdxDataError(
+                f"{type(self).__name__} compares every map position with training statistics of the same position, "
+                "so it must be trained on the tiles it scores: drop --data.train_tiles false (training on tiles "
+                "is the default with --data.tile_size)."
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        state_dict.setdefault(prefix + "tiling", torch.zeros(4, dtype=torch.long))  # written before tiling
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

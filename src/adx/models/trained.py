@@ -26,6 +26,7 @@ from torch import Tensor
 from adx.models.base import AnomalyModule, select
 from adx.models.components.feature_cache import CacheMode, FeatureCache
 from adx.models.components.optim import build_optimizers
+from adx.tiling import TILE_BATCH, cut_batch
 
 
 class TrainedModule(AnomalyModule):
@@ -105,6 +106,7 @@ class TrainedModule(AnomalyModule):
         if getattr(dm, "train_augmented", False):
             return None  # augmented training images differ every epoch
         n = len(getattr(dm, "train_samples", ())) + len(getattr(dm, "val_samples", ()))
+        n *= int(getattr(dm, "tiles_per_image", 1))  # one cache entry per tile when training on tiles
         return FeatureCache(self.feature_cache_mode, expected_images=n)
 
     def with_features(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +161,27 @@ class TrainedModule(AnomalyModule):
         out = super().validation_step(batch, batch_idx)
         normal = torch.as_tensor(batch["label"], device=batch["image"].device) == 0
         if normal.any():
-            loss = self._checked(self.model.loss(select(self.with_features(batch), normal)), "validation")
+            grid = self.tile_grid
+            if grid is not None and getattr(self.trainer.datamodule, "train_on_tiles", False):
+                loss = self._tile_loss(cut_batch(select(batch, normal), grid))
+            else:
+                loss = self.model.loss(select(self.with_features(batch), normal))
+            loss = self._checked(loss, "validation")
             self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=int(normal.sum()))
         return out
+
+    def _tile_loss(self, tiles: dict[str, Any]) -> Tensor:
+        """The loss over the tiles of the normal validation canvases (the scale training sees), in chunks.
+
+        Losses are batch means, so the tile-weighted mean of the chunks' losses is the loss of all tiles.
+        """
+        n, total = len(tiles["image"]), 0.0
+        for start in range(0, n, TILE_BATCH):
+            keep = torch.zeros(n, dtype=torch.bool, device=tiles["image"].device)
+            keep[start : start + TILE_BATCH] = True
+            chunk = self.with_features(select(tiles, keep))
+            total = total + self.model.loss(chunk) * int(keep.sum())
+        return total / n
 
     def on_train_epoch_end(self) -> None:
         if self.cache is not None and self.current_epoch == 0:

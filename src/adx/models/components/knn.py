@@ -18,6 +18,9 @@ __all__ = ["NearestNeighbours", "faiss_available", "faiss_num_gpus", "knn_torch"
 
 # Bound on the float32 elements of one [chunk, M] distance block of the torch backend (64 Mi = 256 MiB).
 _TORCH_BLOCK_ELEMENTS = 1 << 26
+# Bank rows per block of a recorded graph, whose query count is dynamic: the blocks follow the (static)
+# bank, so a batch of N query rows holds N x 4096 distances at a time instead of N x M.
+GRAPH_BANK_BLOCK = 4096
 _BACKENDS = (None, "auto", "torch", "faiss")
 
 
@@ -143,10 +146,8 @@ def knn_torch(
     """
     if bank_sq is None:
         bank_sq = bank.square().sum(1)
-    if exporting():  # one block: a loop over a dynamic query count cannot be recorded in a graph
-        block = torch.addmm(bank_sq, queries, bank.T, alpha=-2.0)
-        value, index = torch.topk(block, k, dim=1, largest=False, sorted=True)
-        return (value + queries.square().sum(1, keepdim=True)).clamp_min(0).sqrt(), index
+    if exporting():  # a graph: the query count is dynamic, so split the (static) bank instead
+        return _knn_bank_blocks(queries, bank, k, bank_sq)
     chunk = max(1, _TORCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
     dists, idxs = [], []
     for start in range(0, queries.shape[0], chunk):
@@ -159,3 +160,24 @@ def knn_torch(
     if not dists:
         return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=queries.device)
     return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(idxs)
+
+
+def _knn_bank_blocks(queries: Tensor, bank: Tensor, k: int, bank_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """knn_torch over static blocks of ``GRAPH_BANK_BLOCK`` bank rows, merged by a second top-k.
+
+    Every loop bound is the bank's size, fixed when the graph is recorded; the exact same neighbours as one
+    block (ties aside), with [N, block] instead of [N, M] distances alive at a time in the runtimes.
+    """
+    m = bank.shape[0]
+    values, indices = [], []
+    for start in range(0, m, GRAPH_BANK_BLOCK):
+        stop = min(m, start + GRAPH_BANK_BLOCK)
+        block = torch.addmm(bank_sq[start:stop], queries, bank[start:stop].T, alpha=-2.0)
+        value, index = torch.topk(block, min(k, stop - start), dim=1, largest=False, sorted=True)
+        values.append(value)
+        indices.append(index + start)
+    value, index = torch.cat(values, 1), torch.cat(indices, 1)
+    if len(values) > 1:
+        value, which = torch.topk(value, k, dim=1, largest=False, sorted=True)
+        index = torch.gather(index, 1, which)
+    return (value + queries.square().sum(1, keepdim=True)).clamp_min(0).sqrt(), index

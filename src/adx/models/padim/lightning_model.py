@@ -11,6 +11,8 @@ from adx.models.padim.torch_model import PadimModel
 class Padim(MemoryBankModule):
     """PaDiM (arXiv 2011.08785); every argument is PadimModel's, with its defaults."""
 
+    needs_tile_training = True  # a Gaussian per position of the grid it was fitted on
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         self.save_hyperparameters()
