@@ -25,7 +25,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import bench_tiling  # tools/ is on sys.path when this runs as a script
+import ablate_normalization  # tools/ is on sys.path when this runs as a script
+import bench_kshot
+import bench_tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -299,6 +301,24 @@ SERVE = Table(
     ],
 )
 
+KSHOT_FILES = [f"kshot_{c}.json" for c in ("screw", "juice_bottle", "magnetic_tile")]
+KSHOT = Rendered(
+    files=KSHOT_FILES,
+    build=lambda reports: (
+        bench_kshot.HEADER,
+        [row for f in KSHOT_FILES for row in bench_kshot.rows(reports[f])],
+    ),
+)
+
+
+def normalization_table(method: str) -> Rendered:
+    """image AUROC / pixel AUROC / AUPRO per normalisation x category of one method (docs/normalization.md)."""
+    file = f"normalization_{method}.json"
+    return Rendered(
+        files=[file],
+        build=lambda reports: ablate_normalization.method_table(reports[file], method),
+    )
+
 
 HIGHRES = Transposed(
     header=["quantity", "value"],
@@ -426,6 +446,8 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "highres": HIGHRES,
     "tiling": TILING,
     "runtime": RUNTIME,
+    "kshot": KSHOT,
+    **{f"normalization-{m}": normalization_table(m) for m in ("patchcore", "padim", "fastflow", "cflow")},
     "serve": SERVE,
     "floor": FLOOR,
 }
