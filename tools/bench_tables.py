@@ -189,19 +189,21 @@ FLOWS_LONG = Table(
     + [flow_row("CFlow", f"cflow40_{c}") for c in CATEGORIES],
 )
 
+# bench_train.py reports: throughput of both sides, their ratio and both peak RSS
+TRAIN_PEER_COLUMNS = [
+    Col("adx, images/s", "r", "adx.train_img_per_s", fixed(1)),
+    Col("anomalib 2.7, images/s", "r", "peer.train_img_per_s", fixed(1)),
+    Col("ratio", "r", "train_throughput_ratio", ratio(2)),
+    Col(
+        "peak RSS adx / peer, MB",
+        "r",
+        "",
+        lambda r: f"{whole(r['adx']['peak_rss_mb'])} / {whole(r['peer']['peak_rss_mb'])}",
+    ),
+]
+
 TRAIN_VS_PEER = Table(
-    columns=[
-        Col("method", "label"),
-        Col("adx, images/s", "r", "adx.train_img_per_s", fixed(1)),
-        Col("anomalib 2.7, images/s", "r", "peer.train_img_per_s", fixed(1)),
-        Col("ratio", "r", "train_throughput_ratio", ratio(2)),
-        Col(
-            "peak RSS adx / peer, MB",
-            "r",
-            "",
-            lambda r: f"{whole(r['adx']['peak_rss_mb'])} / {whole(r['peer']['peak_rss_mb'])}",
-        ),
-    ],
+    columns=[Col("method", "label"), *TRAIN_PEER_COLUMNS],
     rows=[
         Row("FastFlow", {"r": "fastflow_train_vs_peer.json"}),
         Row("CFlow", {"r": "cflow_train_vs_peer.json"}),
@@ -219,15 +221,7 @@ TRAIN_CACHE_VS_PEER = Table(
         Col("method", "label"),
         Col("adx epochs, s (1st fills the cache)", "r", "adx", _epochs),
         Col("anomalib 2.7 epochs, s", "r", "peer", _epochs),
-        Col("adx, images/s", "r", "adx.train_img_per_s", fixed(1)),
-        Col("anomalib 2.7, images/s", "r", "peer.train_img_per_s", fixed(1)),
-        Col("ratio", "r", "train_throughput_ratio", ratio(2)),
-        Col(
-            "peak RSS adx / peer, MB",
-            "r",
-            "",
-            lambda r: f"{whole(r['adx']['peak_rss_mb'])} / {whole(r['peer']['peak_rss_mb'])}",
-        ),
+        *TRAIN_PEER_COLUMNS,
     ],
     rows=[
         Row("FastFlow", {"r": "fastflow_train_cache_vs_peer.json"}),
