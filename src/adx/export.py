@@ -83,9 +83,7 @@ def _tiling(model: Any) -> dict[str, Any] | None:
     if grid is None:
         return None
     return {
-        "tile_size": list(grid.tile),
-        "stride": list(grid.stride),
-        "tiles": grid.count,
+        **grid.facts(),
         "image_score": "largest tile score",
         "maps": "tile maps blended by linear ramps over the overlaps, normalised by the summed weights",
     }

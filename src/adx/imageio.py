@@ -10,6 +10,8 @@ the exported graph, which resizes inside. Every problem raises :class:`AdxDataEr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, Union
 
 import numpy as np
@@ -158,14 +160,20 @@ def decode_pil(img: Image.Image, bit_depth: BitDepth = "auto", path: str = "<ima
     return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr)
 
 
-def read_image(path: str, bit_depth: BitDepth = "auto") -> np.ndarray:
-    """Decode ``path`` upright to float32 (H, W, 3) in [0, 1] at its own size; AdxDataError names the file."""
+@contextmanager
+def naming_the_file(path: str) -> Iterator[None]:
+    """Turn any decoding failure inside the block into an AdxDataError that names ``path`` and the fix."""
     try:
-        with Image.open(path) as img:
-            return decode_pil(img, bit_depth, path)
+        yield
     except AdxDataError:
         raise
     except Exception as exc:  # PIL raises many types for corrupt files
         raise AdxDataError(
             f"failed to decode image '{path}' ({type(exc).__name__}: {exc}). Replace or delete this file."
         ) from exc
+
+
+def read_image(path: str, bit_depth: BitDepth = "auto") -> np.ndarray:
+    """Decode ``path`` upright to float32 (H, W, 3) in [0, 1] at its own size; AdxDataError names the file."""
+    with naming_the_file(path), Image.open(path) as img:
+        return decode_pil(img, bit_depth, path)

@@ -88,6 +88,10 @@ class TileGrid:
             f"{h}x{w} canvas"
         )
 
+    def facts(self) -> dict[str, Any]:
+        """Tile size, stride and tiles per canvas, as run reports and bundle metadata record them."""
+        return {"tile_size": list(self.tile), "stride": list(self.stride), "tiles": self.count}
+
     def as_tensor(self) -> Tensor:
         """[tile_h, tile_w, stride_h, stride_w] (the model's ``tiling`` buffer)."""
         return torch.tensor([*self.tile, *self.stride], dtype=torch.long)

@@ -236,10 +236,4 @@ def _tiling_facts(pl_module: LightningModule, dm: Any) -> dict[str, Any] | None:
     grid = getattr(pl_module, "tile_grid", None)
     if grid is None:
         return None
-    return {
-        "canvas": list(grid.canvas),
-        "tile_size": list(grid.tile),
-        "stride": list(grid.stride),
-        "tiles": grid.count,
-        "train_tiles": getattr(dm, "train_on_tiles", None),
-    }
+    return {"canvas": list(grid.canvas), **grid.facts(), "train_tiles": getattr(dm, "train_on_tiles", None)}

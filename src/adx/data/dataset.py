@@ -44,6 +44,7 @@ from adx.imageio import (  # noqa: F401  (re-exported: the data path decodes as 
     _as_l_or_rgb,
     _decode,
     check_bit_depth,
+    naming_the_file,
     swaps_axes,
     upright_transpose,
 )
@@ -80,7 +81,7 @@ def _load(
     path: str, size: tuple[int, int] | None, bit_depth: BitDepth, fast_jpeg: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image file -> float32 [3, H, W] in [0, 1] resized to ``size`` if given, and the file's upright (H, W)."""
-    try:
+    with naming_the_file(path):
         with Image.open(path) as img:
             method = upright_transpose(img)
             w, h = img.size
@@ -97,12 +98,6 @@ def _load(
             pixels = resize_pixels(pixels, size)
         pixels = pixels.float().div_(top).clamp_(0.0, 1.0)
         return (pixels.repeat(3, 1, 1) if pixels.shape[0] == 1 else pixels.contiguous()), orig
-    except AdxDataError:
-        raise
-    except Exception as exc:  # PIL raises many types for corrupt files
-        raise AdxDataError(
-            f"failed to decode image '{path}' ({type(exc).__name__}: {exc}). Replace or delete this file."
-        ) from exc
 
 
 def load_image(
