@@ -9,6 +9,9 @@ from typing import NoReturn
 import pytest
 
 os.environ.setdefault("ADX_OFFLINE", "1")  # never wait on a model hub in tests
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per worker (and per `adx` process a test starts): two workers fill two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(os.environ.get("ADX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -46,6 +49,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """In CI a ``real_data`` test fails, instead of skipping itself, when ../shared/data is absent."""
     if in_ci() and item.get_closest_marker("real_data") is not None and not has_shared_data():
         no_shared_data()
+
+
+# files whose tests take minutes: collected first, so that with ``pytest -n 2 --dist loadfile`` (the README's
+# command) one worker starts on them at once while the other takes everything else
+LONG_FILES = ("tests/integration/test_quality_floor.py",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order of the files
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move the tests of LONG_FILES to the front, keeping the order within each part."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_FILES)
 
 
 @pytest.fixture(scope="session")

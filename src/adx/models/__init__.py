@@ -1,21 +1,29 @@
 """Every method adx ships; importing this package registers them for the CLI."""
 
+from adx.models.autoencoder import AutoEncoder
 from adx.models.base import AnomalyModule, MemoryBankModule, ZeroShotModule
 from adx.models.cflow import CFlow
+from adx.models.dae import DAE
+from adx.models.draem import Draem
 from adx.models.fastflow import FastFlow
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
 from adx.models.trained import TrainedModule
+from adx.models.vae import VAE
 
 __all__ = [
     "MODELS",
     "AnomalyModule",
+    "AutoEncoder",
     "CFlow",
+    "DAE",
+    "Draem",
     "FastFlow",
     "MemoryBankModule",
     "Padim",
     "PatchCore",
     "TrainedModule",
+    "VAE",
     "ZeroShotModule",
 ]
 
@@ -24,5 +32,9 @@ MODELS: dict[str, type[AnomalyModule]] = {
     "Padim": Padim,
     "FastFlow": FastFlow,
     "CFlow": CFlow,
+    "AutoEncoder": AutoEncoder,
+    "DAE": DAE,
+    "VAE": VAE,
+    "Draem": Draem,
 }
 """Every method by class name; contract tests are parametrised over it."""

@@ -91,6 +91,9 @@ class AnomalyModule(LightningModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        check_data = getattr(self.model, "check_datamodule", None)  # a model's own input checks, before work
+        if check_data is not None and dm is not None:
+            check_data(dm)
         size = getattr(dm, "image_size", None)
         if size is not None:
             self.input_size.copy_(torch.as_tensor(tuple(size), dtype=torch.long))

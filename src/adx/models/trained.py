@@ -146,6 +146,9 @@ class TrainedModule(AnomalyModule):
             yield self.with_features(moved)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        steps = getattr(self.model, "trained_steps", None)
+        if isinstance(steps, Tensor):
+            steps += 1  # models that refuse to score untrained (check_fitted) count their steps here
         if batch_idx == self.trainer.num_training_batches - 1:
             self.fit_reference()
 

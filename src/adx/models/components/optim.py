@@ -10,10 +10,12 @@ turns a spec into a callable; in Python, :func:`build` accepts either form.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def spec(class_path: str, **init_args: Any) -> dict[str, Any]:
@@ -60,3 +62,62 @@ def build_optimizers(
         "optimizer": opt,
         "lr_scheduler": {"scheduler": build(scheduler, opt), "interval": scheduler_interval},
     }
+
+
+class FractionStepLR(LambdaLR):
+    """lr x ``gamma`` at each milestone, milestones given as fractions of the training length; per epoch.
+
+    DRAEM's schedule (authors' training script): x0.2 at 80 % and 90 % of the epochs. Milestone f takes
+    effect from epoch ceil(f * max_epochs) (0-based), so a 700-epoch run drops at epochs 560 and 630.
+    ``max_epochs`` None follows the trainer: adx calls :meth:`set_horizon` with ``trainer.max_epochs``,
+    also when a run is resumed with another length (the drops move with it).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: Sequence[float] = (0.8, 0.9),
+        gamma: float = 0.2,
+        max_epochs: int | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        if not all(0.0 < float(f) <= 1.0 for f in milestones):
+            raise ValueError(
+                f"milestones must be fractions of the training length in (0, 1], got {list(milestones)}: "
+                "e.g. --model.scheduler.milestones [0.8,0.9]"
+            )
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}: e.g. --model.scheduler.gamma 0.2")
+        self.milestones, self.gamma = sorted(float(f) for f in milestones), float(gamma)
+        self.max_epochs: int | None = None
+        self.follows_trainer = max_epochs is None
+        if max_epochs is not None:
+            self.set_horizon(max_epochs)
+        super().__init__(optimizer, self.factor, last_epoch)
+
+    def set_horizon(self, max_epochs: int) -> None:
+        """Set the training length the milestones are fractions of (adx passes trainer.max_epochs)."""
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(
+                f"max_epochs must be >= 1, got {max_epochs}: set --trainer.max_epochs or "
+                "--model.scheduler.max_epochs"
+            )
+        self.max_epochs = int(max_epochs)
+        if hasattr(self, "base_lrs"):  # already stepping (a resumed run): this epoch's lr on the new horizon
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * self.factor(self.last_epoch)
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def milestone_epochs(self) -> list[int]:
+        """The 0-based epochs from which each drop applies."""
+        if self.max_epochs is None:
+            return []
+        return [math.ceil(f * self.max_epochs - 1e-9) for f in self.milestones]
+
+    def factor(self, epoch: int) -> float:
+        """Multiplier of the base learning rate in ``epoch`` (0-based)."""
+        if self.max_epochs is None:
+            if epoch > 0:
+                raise RuntimeError("FractionStepLR has no max_epochs: set --model.scheduler.max_epochs")
+            return 1.0
+        return self.gamma ** sum(epoch >= m for m in self.milestone_epochs())

@@ -32,7 +32,3 @@ class FastFlow(TrainedModule):
         super().__init__(optimizer, scheduler, feature_cache=feature_cache)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = FastFlowModel(**kwargs)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.model.trained_steps += 1
-        super().on_train_batch_end(outputs, batch, batch_idx)  # the map reference after the last batch

@@ -1,0 +1,73 @@
+"""Lightning adapter for DRAEM: Adam on the reconstruction + segmentation loss of synthetic anomalies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from adx.models.components.optim import spec
+from adx.models.draem.torch_model import MIN_SIZE, DraemModel
+from adx.models.trained import TrainedModule
+
+SOURCES_KEY = "adx_data_sources"
+
+
+class Draem(TrainedModule):
+    """DRAEM (arXiv 2108.07610); model arguments are DraemModel's, with its defaults.
+
+    Each training batch is corrupted with synthetic anomalies drawn from a generator seeded by the model's
+    ``seed`` and the optimizer step, so runs (and resumed runs) reproduce. The anomaly source's provenance
+    is kept in checkpoints and written to metrics.json under ``sources``.
+
+    Args:
+        optimizer: the paper's Adam, lr 1e-4.
+        scheduler: lr x0.2 at 80 % and 90 % of ``trainer.max_epochs`` (the authors' training script).
+    """
+
+    has_backbone = False
+    """No pretrained backbone: both networks learn from scratch (no --model.backbone / weights / pretrained)."""
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = spec("torch.optim.Adam", lr=1e-4),
+        scheduler: LRSchedulerCallable | None = spec(
+            "adx.models.components.optim.FractionStepLR", milestones=[0.8, 0.9], gamma=0.2
+        ),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(optimizer, scheduler, feature_cache="off")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = DraemModel(**kwargs)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dm = getattr(self.trainer, "datamodule", None)
+        grid = getattr(dm, "tiling", None)
+        size = (
+            grid.tile
+            if grid is not None and getattr(dm, "train_on_tiles", True)
+            else getattr(dm, "image_size", None)
+        )
+        if size is not None and min(size) < MIN_SIZE:
+            raise ValueError(
+                f"DRAEM needs images of at least {MIN_SIZE} x {MIN_SIZE} px (its U-Net halves them five times), "
+                f"got {tuple(size)}: raise --data.image_size (or --data.tile_size)"
+            )
+        self.model.anomalies()  # resolve the texture source now: a bad folder fails before any training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
+        loss = super().training_step(batch, batch_idx)
+        for name, value in self.model.loss_terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[SOURCES_KEY] = self.model.data_sources()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.model.restore_sources(checkpoint.get(SOURCES_KEY) or {})
