@@ -19,10 +19,12 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from adx.cli import main as adx_main
 from adx.data import MVTec
@@ -30,6 +32,8 @@ from adx.models import MODELS
 
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "peer_anomalib.py"
 PEER_NAMES = {"PatchCore": "Patchcore", "Padim": "Padim"}
+# methods trained from scratch, run on the peer by tools/peer_scratch.py with adx's run settings
+PEER_SCRATCH = {"Draem": "Draem", "GANomaly": "Ganomaly", "DSR": "Dsr"}
 
 
 def peak_rss_mb() -> int:
@@ -70,6 +74,10 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         "false",
     ]
     overrides = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]
+    timing = runs / "train_timing.json"
+    if args.train_timing:  # per-epoch training time, measured by the code that times the peer
+        timer = {"class_path": "train_timing.EpochTimer", "init_args": {"out": str(timing)}}
+        overrides.append(f"--trainer.callbacks+={json.dumps(timer)}")
     t0 = time.perf_counter()
     adx_main(
         [
@@ -102,7 +110,10 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
     )
     test_cmd_s = time.perf_counter() - t0
     report = json.loads(sorted(runs.rglob("metrics.json"))[-1].read_text())
+    config = ckpt.parents[1] / "config.yaml"  # the fit's run folder (`adx test` writes a folder of its own)
     return {
+        "run_config": yaml.safe_load(config.read_text()),
+        "train": json.loads(timing.read_text()) if args.train_timing else None,
         "fit_s": round(fit_s, 2),
         "test_s": report["test_seconds"],
         "test_img_per_s": report["test_images_per_second"],
@@ -114,6 +125,47 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         "metrics": report["metrics"],
         "weights": report["weights"],
     }
+
+
+def texture_folder(model: dict) -> str:
+    """A folder of links to the texture files adx's anomaly source used, so the peer draws from the same."""
+    from adx.models.components.sources.images import TextureSource
+
+    folder = Path(tempfile.mkdtemp(prefix="adx_textures_"))
+    for i, path in enumerate(TextureSource(model.get("init_args", {}).get("anomaly_source")).files):
+        (folder / f"{i:03d}_{path.name}").symlink_to(path)
+    return str(folder)
+
+
+def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
+    """The peer's version of a from-scratch method with adx's image size, batch size, epochs (and widths)."""
+    cfg = adx["run_config"]
+    model, data = cfg["model"], cfg["data"]["init_args"]
+    cmd = [
+        args.peer,
+        str(Path(__file__).with_name("peer_scratch.py")),
+        PEER_SCRATCH[args.model],
+        args.root,
+        args.category,
+        str(out),
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(data["batch_size"]),
+        "--epochs",
+        str(cfg["trainer"]["max_epochs"]),
+        *[a for kv in args.peer_kw for a in ("--kw", kv)],
+    ]
+    if args.model == "Draem":
+        init = model.get("init_args", {})
+        widths = [str(init.get("reconstructive_width", 128)), str(init.get("discriminative_width", 64))]
+        cmd += ["--widths", *widths, "--anomaly-source", texture_folder(model)]
+    subprocess.run(
+        cmd,
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    return json.loads(out.read_text())
 
 
 def run_peer(args: argparse.Namespace, out: Path) -> dict:
@@ -149,6 +201,8 @@ def main() -> None:
     parser.add_argument("--no-heatmaps", action="store_true")
     parser.add_argument("--peer", help="python of a venv with anomalib (runs the peer after adx)")
     parser.add_argument("--peer-weights", help="timm state dict for the peer (tools/export_timm_weights.py)")
+    parser.add_argument("--peer-kw", action="append", default=[], help="peer model argument key=value")
+    parser.add_argument("--train-timing", action="store_true", help="record per-epoch training time")
     parser.add_argument("--runs", default="/tmp/adx_bench_runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -159,7 +213,11 @@ def main() -> None:
         "adx": run_adx(args, runs),
     }
     if args.peer:
-        peer = run_peer(args, Path(args.out).with_suffix(".peer.json"))
+        peer_out = Path(args.out).with_suffix(".peer.json")
+        if args.model in PEER_SCRATCH:
+            peer = run_peer_scratch(args, record["adx"], peer_out)
+        else:
+            peer = run_peer(args, peer_out)
         record["peer"] = peer
         record["ratios"] = {
             "fit_speedup": round(peer["fit_s"] / record["adx"]["fit_s"], 2),
@@ -168,6 +226,9 @@ def main() -> None:
                 record["adx"]["test_cmd_img_per_s"] / peer["test_img_per_s"], 2
             ),
         }
+        if record["adx"]["train"] and "train_img_per_s" in peer:
+            ratio = record["adx"]["train"]["train_img_per_s"] / peer["train_img_per_s"]
+            record["ratios"]["train_throughput_ratio"] = round(ratio, 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1, default=str))
     print(json.dumps(record, indent=1, default=str))

@@ -430,6 +430,68 @@ FLOOR = Table(
     ],
 )
 
+
+def _run_dataset(config: dict[str, Any]) -> str:
+    """``mvtec_ad/screw`` from a run's saved config (data root's folder name / category)."""
+    data = config["data"]["init_args"]
+    return dataset({"name": Path(data["root"]).name, "category": data["category"]})
+
+
+SCRATCH_METHODS = (("AutoEncoder", "autoencoder"), ("DAE", "dae"), ("VAE", "vae"), ("DRAEM", "draem"))
+RECONSTRUCTION = Table(
+    columns=[
+        Col("model", "label"),
+        Col("category", "bench", "adx.run_config", _run_dataset),
+        Col("image size", "bench", "adx.run_config.data.init_args.image_size", image_size),
+        Col("epochs", "bench", "adx.run_config.trainer.max_epochs"),
+        *[c for c in QUALITY.columns if c.header not in ("model", "category", "image size")],
+    ],
+    rows=[
+        Row(label, {"bench": f"{stem}_{category}.json"})
+        for label, stem in SCRATCH_METHODS
+        for category in CATEGORIES
+    ],
+)
+
+
+def _adx_peer(path: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+    """``adx / peer`` of one value found at ``path`` under each side of a bench.py report."""
+    return lambda r: f"{fmt(lookup(r['adx'], path))} / {fmt(lookup(r['peer'], path))}"
+
+
+SCRATCH_VS_PEER = Table(
+    columns=[
+        Col("method", "label"),
+        Col("category", "r", "adx.run_config", _run_dataset),
+        Col("image size", "r", "adx.run_config.data.init_args.image_size", image_size),
+        Col("epochs", "r", "adx.run_config.trainer.max_epochs"),
+        Col("batch", "r", "adx.run_config.data.init_args.batch_size"),
+        Col("image AUROC adx / peer", "r", "", _adx_peer("metrics.image_AUROC", fixed(3))),
+        Col("pixel AUROC adx / peer", "r", "", _adx_peer("metrics.pixel_AUROC", fixed(3))),
+        Col("peak RSS adx / peer, MB", "r", "", _adx_peer("peak_rss_mb", whole)),
+    ],
+    rows=[Row("DRAEM", {"r": "draem_screw.json"}), Row("DRAEM", {"r": "draem_magnetic_tile.json"})],
+)
+
+SCRATCH_TRAIN_VS_PEER = Table(
+    columns=[
+        Col("method", "label"),
+        Col("category", "r", "adx.run_config", _run_dataset),
+        Col("adx epochs, s", "r", "adx.train", _epochs),
+        Col("anomalib 2.7 epochs, s", "r", "peer", _epochs),
+        Col(
+            "training images/s adx / peer",
+            "r",
+            "",
+            lambda r: (
+                f"{fixed(2)(r['adx']['train']['train_img_per_s'])} / {fixed(2)(r['peer']['train_img_per_s'])}"
+            ),
+        ),
+        Col("ratio", "r", "ratios.train_throughput_ratio", ratio(2)),
+    ],
+    rows=[Row("DRAEM (widths 16 / 8, 128 px, batch 8)", {"r": "draem_train_vs_peer.json"})],
+)
+
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
     "patchcore-vs-peer": PATCHCORE_VS_PEER,
@@ -444,6 +506,9 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     **{f"normalization-{m}": normalization_table(m) for m in ("patchcore", "padim", "fastflow", "cflow")},
     "serve": SERVE,
     "floor": FLOOR,
+    "reconstruction": RECONSTRUCTION,
+    "reconstruction-vs-peer": SCRATCH_VS_PEER,
+    "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
 }
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -23,6 +24,36 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Grayscale, Normalize, Resize
 
 from train_timing import EpochTimer, add_run_options  # tools/ is on sys.path when run as a script
+
+
+def peer_run(
+    args: argparse.Namespace, kwargs: dict[str, Any], folder: str, **engine_options: Any
+) -> tuple[Any, MVTecAD, EpochTimer, Engine]:
+    """The peer's model (kwargs plus ``--kw``), its MVTec AD data module and an Engine timed by EpochTimer.
+
+    Shared with tools/peer_scratch.py: one CPU process, no logger, one validation batch per epoch.
+    """
+    kwargs = {**kwargs, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.kw)}}
+    model = getattr(peer_models, args.model)(**kwargs)
+    dm = MVTecAD(
+        root=args.root,
+        category=args.category,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=0,
+    )
+    timer = EpochTimer()
+    engine = Engine(
+        default_root_dir=f"{tempfile.gettempdir()}/{folder}/{args.model}_{args.category}",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        max_epochs=args.epochs,
+        limit_val_batches=1,
+        callbacks=[timer],
+        **engine_options,
+    )
+    return model, dm, timer, engine
 
 
 def main() -> None:
@@ -50,26 +81,7 @@ def main() -> None:
     kwargs = {"backbone": args.backbone, "pre_trained": False, "pre_processor": PreProcessor(transform=tf)}
     if args.layers:
         kwargs["layers"] = args.layers
-    kwargs.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.kw)})
-    model = getattr(peer_models, args.model)(**kwargs)
-    dm = MVTecAD(
-        root=args.root,
-        category=args.category,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        num_workers=0,
-    )
-    timer = EpochTimer()
-    engine = Engine(
-        default_root_dir=f"{tempfile.gettempdir()}/peer_train/{args.model}_{args.category}",
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        max_epochs=args.epochs,
-        limit_train_batches=args.batches,
-        limit_val_batches=1,
-        callbacks=[timer],
-    )
+    model, dm, timer, engine = peer_run(args, kwargs, "peer_train", limit_train_batches=args.batches)
     engine.fit(model=model, datamodule=dm)
     record = timer.record(
         peer="anomalib",

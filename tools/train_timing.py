@@ -6,8 +6,10 @@ Imports only lightning, which both environments have, so both sides are timed by
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,10 +58,12 @@ class EpochTimer(Callback):
     Data loading is included, validation is not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, out: str | None = None) -> None:
+        """``out``: a JSON file the record is written to when fit ends (for runs through ``adx fit``)."""
         self.seconds: list[float] = []
         self.images = 0
         self.t0 = 0.0
+        self.out = out
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.t0, self.images = time.perf_counter(), 0
@@ -70,6 +74,10 @@ class EpochTimer(Callback):
         self.images += len(batch["image"] if isinstance(batch, dict) else batch.image)
         if batch_idx == trainer.num_training_batches - 1:
             self.seconds.append(time.perf_counter() - self.t0)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.out and self.seconds:
+            Path(self.out).write_text(json.dumps(self.record(), indent=1))
 
     def record(self, **facts: Any) -> dict[str, Any]:
         """Facts plus per-epoch seconds, images/s (median over epochs after the warm-up one), peak RSS."""

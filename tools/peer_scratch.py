@@ -1,0 +1,104 @@
+"""anomalib (the peer) training a from-scratch method, for tools/bench.py --peer; run with the peer venv's python.
+
+    <peer-venv>/bin/python tools/peer_scratch.py Draem ROOT CATEGORY OUT.json --image-size 128 \
+        --batch-size 8 --epochs 20 [--anomaly-source DIR] [--widths 16 8] [--kw key=value ...]
+
+Fits the peer's model on the category's training images, then tests it on the test split, and records
+per-epoch training time (tools/train_timing.EpochTimer, the same code that times adx), fit and test wall
+time, peak RSS and the peer's own metrics. ``--widths R D`` narrows DRAEM's reconstructive and
+discriminative sub-networks (the peer hard-codes the paper's 128 / 64) so both sides train the same
+network on a CPU; ``--anomaly-source`` points its Perlin generator at the same texture files as adx's.
+Validation is limited to one batch per epoch (the peer validates on the test split, which adx does not
+do while training). This file is a tool run inside the peer's environment; adx itself never imports anomalib.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, Resize
+
+from peer_train import peer_run  # tools/ is on sys.path when run as a script
+from train_timing import peak_rss_mb
+
+
+def narrow_draem(reconstructive: int, discriminative: int) -> None:
+    """Make the peer's DraemModel build its two sub-networks at the given base widths."""
+    from anomalib.models.image.draem import torch_model as draem
+
+    def init(self: torch.nn.Module, sspcab: bool = False) -> None:
+        torch.nn.Module.__init__(self)
+        self.reconstructive_subnetwork = draem.ReconstructiveSubNetwork(
+            base_width=reconstructive, sspcab=sspcab
+        )
+        self.discriminative_subnetwork = draem.DiscriminativeSubNetwork(
+            in_channels=6, out_channels=2, base_width=discriminative
+        )
+
+    draem.DraemModel.__init__ = init
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr"])
+    parser.add_argument("root")
+    parser.add_argument("category")
+    parser.add_argument("out")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--anomaly-source", help="folder of texture images for DRAEM's Perlin anomalies")
+    parser.add_argument(
+        "--widths", type=int, nargs=2, help="DRAEM's reconstructive and discriminative widths"
+    )
+    parser.add_argument(
+        "--kw", action="append", default=[], help="extra model argument key=value (YAML value)"
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    kwargs = {"pre_processor": PreProcessor(transform=Compose([Resize((args.image_size, args.image_size))]))}
+    if args.model == "Draem":
+        if args.widths:
+            narrow_draem(*args.widths)
+        if args.anomaly_source:
+            kwargs["dtd_dir"] = args.anomaly_source
+    if args.model == "Ganomaly":
+        kwargs["batch_size"] = args.batch_size
+    model, dm, timer, engine = peer_run(args, kwargs, "peer_scratch")
+    t0 = time.perf_counter()
+    engine.fit(model=model, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = engine.test(model=model, datamodule=dm)
+    test_s = time.perf_counter() - t0
+    n_test = len(dm.test_data)
+    record = timer.record(
+        peer="anomalib",
+        model=args.model,
+        category=args.category,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        widths=args.widths,
+        anomaly_source=args.anomaly_source,
+        extra=args.kw,
+    )
+    record.update(
+        fit_s=round(fit_s, 2),
+        test_s=round(test_s, 2),
+        n_test=n_test,
+        test_img_per_s=round(n_test / test_s, 2),
+        peak_rss_mb=peak_rss_mb(),
+        metrics={k: float(v) for k, v in results[0].items()},
+    )
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
