@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -94,3 +94,31 @@ def synthetic_cli(
 def quiet_cli(runs: Path) -> list[str]:
     """``adx`` arguments of a test run: run folders under ``runs``, no progress bar, no heatmap panels."""
     return ["--root_dir", str(runs), "--trainer.enable_progress_bar", "false", "--heatmaps.enabled", "false"]
+
+
+def small_datamodule(root: Path, image_size: int = 64, **kw: Any) -> Any:
+    """An MVTec data module over a synthetic category, batches of 4, 30 % of the test split validating."""
+    from adx.data import MVTec
+
+    settings = {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0, "val_source": "test_split"}
+    settings.update(val_ratio=0.3, **kw)
+    return MVTec(root=str(root.parent), category=root.name, image_size=image_size, **settings)
+
+
+def small_trainer(folder: Path, max_epochs: int = 1, writer: bool = True, **kw: Any) -> Any:
+    """A quiet trainer (no logger, checkpoints, progress bar or sanity check) with adx's calibration and,
+    unless ``writer=False``, its results writer (metrics.json in ``folder``)."""
+    from lightning.pytorch import Trainer
+
+    from adx.callbacks import Calibration, ResultsWriter
+
+    return Trainer(
+        max_epochs=max_epochs,
+        default_root_dir=folder,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[Calibration(), ResultsWriter()] if writer else [Calibration()],
+        **kw,
+    )

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 import adx
+from adx.callbacks.results import data_sources
 from adx.inference import OUTPUT_NAMES, ExportModule
 from adx.models.components.weights import sha256_file
 
@@ -70,6 +71,8 @@ def metadata(model: Any, fmt: str, fp16: bool, ckpt_path: str | Path | None) -> 
             "weights": getattr(backbone, "weights_source", None),
             "weights_sha256": getattr(backbone, "weights_sha256", None),
         },
+        # what a from-scratch model trained on besides the images (DRAEM's textures, DSR's VQ-VAE), or None
+        "sources": _plain(data_sources(model)),
         "adx_version": adx.__version__,
         "checkpoint": None if ckpt_path is None else str(ckpt_path),
         "checkpoint_sha256": None if ckpt_path is None else sha256_file(ckpt_path),

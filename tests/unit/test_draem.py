@@ -10,11 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from tests.conftest import small_datamodule, small_trainer
 
-from adx.callbacks import Calibration, ResultsWriter
 from adx.callbacks.results import data_sources
-from adx.data import MVTec
 from adx.models.components.focal import focal_loss
 from adx.models.components.optim import FractionStepLR, build_optimizers, spec
 from adx.models.components.sources import SourceError
@@ -256,25 +254,8 @@ def test_data_sources_hook() -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fit_records_sources_in_metrics_and_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
     model = Draem(**SMALL, optimizer=spec("torch.optim.Adam", lr=1e-3))
-    dm = MVTec(
-        root=str(synthetic_root.parent),
-        category=synthetic_root.name,
-        image_size=64,
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        val_source="test_split",
-        val_ratio=0.3,
-    )
-    trainer = Trainer(
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=[Calibration(), ResultsWriter()],
-    )
+    dm = small_datamodule(synthetic_root)
+    trainer = small_trainer(tmp_path)
     trainer.fit(model, datamodule=dm)
     assert int(model.model.trained_steps) == 3  # 12 images, batch 4
     trainer.test(model, datamodule=dm, verbose=False)

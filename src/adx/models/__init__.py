@@ -5,7 +5,9 @@ from adx.models.base import AnomalyModule, MemoryBankModule, ZeroShotModule
 from adx.models.cflow import CFlow
 from adx.models.dae import DAE
 from adx.models.draem import Draem
+from adx.models.dsr import DSR
 from adx.models.fastflow import FastFlow
+from adx.models.ganomaly import GANomaly
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
 from adx.models.trained import TrainedModule
@@ -17,8 +19,10 @@ __all__ = [
     "AutoEncoder",
     "CFlow",
     "DAE",
+    "DSR",
     "Draem",
     "FastFlow",
+    "GANomaly",
     "MemoryBankModule",
     "Padim",
     "PatchCore",
@@ -36,5 +40,7 @@ MODELS: dict[str, type[AnomalyModule]] = {
     "DAE": DAE,
     "VAE": VAE,
     "Draem": Draem,
+    "GANomaly": GANomaly,
+    "DSR": DSR,
 }
 """Every method by class name; contract tests are parametrised over it."""

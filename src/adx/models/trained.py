@@ -190,3 +190,30 @@ class TrainedModule(AnomalyModule):
         if self.cache is not None and self.current_epoch == 0:
             where = self.cache.where
             print(f"adx: frozen features cached in {where} for the next epochs", file=sys.stderr)
+
+
+class SyntheticAnomalyModule(TrainedModule):
+    """A TrainedModule whose torch model makes its own anomalies (DRAEM, DSR).
+
+    The model reads ``anomaly_step`` and ``anomaly_rank`` from the batch to seed each step's anomalies (runs
+    and resumed runs reproduce, DDP ranks differ), exposes per-term losses as ``loss_terms`` (logged per
+    epoch), and says where its anomaly data came from with ``data_sources()`` / ``restore_sources()``: that
+    record travels in every checkpoint (metrics.json gets it through the ResultsWriter).
+    """
+
+    SOURCES_KEY = "adx_data_sources"
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
+        loss = super().training_step(batch, batch_idx)
+        for name, value in self.model.loss_terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[self.SOURCES_KEY] = self.model.data_sources()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.model.restore_sources(checkpoint.get(self.SOURCES_KEY) or {})

@@ -5,16 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 
 from adx.models.components.optim import spec
 from adx.models.draem.torch_model import MIN_SIZE, DraemModel
-from adx.models.trained import TrainedModule
-
-SOURCES_KEY = "adx_data_sources"
+from adx.models.trained import SyntheticAnomalyModule
 
 
-class Draem(TrainedModule):
+class Draem(SyntheticAnomalyModule):
     """DRAEM (arXiv 2108.07610); model arguments are DraemModel's, with its defaults.
 
     Each training batch is corrupted with synthetic anomalies drawn from a generator seeded by the model's
@@ -56,18 +53,3 @@ class Draem(TrainedModule):
                 f"got {tuple(size)}: raise --data.image_size (or --data.tile_size)"
             )
         self.model.anomalies()  # resolve the texture source now: a bad folder fails before any training
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
-        loss = super().training_step(batch, batch_idx)
-        for name, value in self.model.loss_terms.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[SOURCES_KEY] = self.model.data_sources()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.model.restore_sources(checkpoint.get(SOURCES_KEY) or {})

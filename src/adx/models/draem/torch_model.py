@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adx.models.components.focal import focal_loss
+from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import PerlinAnomaly
 from adx.models.components.ssim import ssim
 
@@ -105,11 +104,6 @@ class DiscriminativeNet(nn.Module):
         for up, block, skip in zip(self.ups, self.blocks, reversed(levels[:-1]), strict=True):
             y = block(torch.cat([up(y, skip.shape[-2:]), skip], dim=1))
         return self.out(y)
-
-
-def _mix(*keys: Any) -> int:
-    """A stable 63-bit seed from ints and strings (the same on every machine and Python process)."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
 class DraemModel(nn.Module):
@@ -216,17 +210,7 @@ class DraemModel(nn.Module):
         step and image. Other batches (validation loss) are seeded by each image's path, so every epoch
         scores the same anomalies.
         """
-        n = len(batch["image"])
-        step = batch.get("anomaly_step")
-        if step is not None:
-            return [
-                _mix("draem", self.seed, int(step), int(batch.get("anomaly_rank", 0)), i) for i in range(n)
-            ]
-        paths = batch.get("path")
-        keys = [zlib.crc32(str(p).encode()) for p in paths] if isinstance(paths, list | tuple) else []
-        if len(keys) != n:
-            keys = list(range(n))
-        return [_mix("draem-eval", self.seed, k) for k in keys]
+        return batch_seeds(batch, ("draem", self.seed), ("draem-eval", self.seed))
 
     def synthesize(self, images: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Images [B,3,H,W] in [0,1] -> corrupted images [B,3,H,W] and their anomaly masks [B,1,H,W] in {0,1}."""

@@ -1,0 +1,31 @@
+"""Stable per-image seeds for synthetic anomalies (DRAEM, DSR): reproducible runs, resumes and DDP ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Any
+
+
+def mix(*keys: Any) -> int:
+    """A stable 63-bit seed from ints and strings (the same on every machine and Python process)."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+def batch_seeds(batch: dict[str, Any], train_key: tuple, eval_key: tuple) -> list[int]:
+    """One generator seed per image of ``batch``.
+
+    Training batches carry ``anomaly_step`` (the optimizer step) and ``anomaly_rank``: a fresh draw per step,
+    rank and image, ``mix(*train_key, step, rank, index)``. Other batches (the validation loss) are seeded by
+    each image's path, ``mix(*eval_key, crc32(path))``, so every epoch scores the same anomalies.
+    """
+    n = len(batch["image"])
+    step = batch.get("anomaly_step")
+    if step is not None:
+        rank = int(batch.get("anomaly_rank", 0))
+        return [mix(*train_key, int(step), rank, i) for i in range(n)]
+    paths = batch.get("path")
+    keys = [zlib.crc32(str(p).encode()) for p in paths] if isinstance(paths, list | tuple) else []
+    if len(keys) != n:
+        keys = list(range(n))
+    return [mix(*eval_key, k) for k in keys]
