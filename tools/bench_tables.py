@@ -437,7 +437,14 @@ def _run_dataset(config: dict[str, Any]) -> str:
     return dataset({"name": Path(data["root"]).name, "category": data["category"]})
 
 
-SCRATCH_METHODS = (("AutoEncoder", "autoencoder"), ("DAE", "dae"), ("VAE", "vae"), ("DRAEM", "draem"))
+SCRATCH_METHODS = (
+    ("AutoEncoder", "autoencoder"),
+    ("DAE", "dae"),
+    ("VAE", "vae"),
+    ("GANomaly", "ganomaly"),
+    ("DRAEM", "draem"),
+    ("DSR", "dsr"),
+)
 RECONSTRUCTION = Table(
     columns=[
         Col("model", "label"),
@@ -455,8 +462,17 @@ RECONSTRUCTION = Table(
 
 
 def _adx_peer(path: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
-    """``adx / peer`` of one value found at ``path`` under each side of a bench.py report."""
-    return lambda r: f"{fmt(lookup(r['adx'], path))} / {fmt(lookup(r['peer'], path))}"
+    """``adx / peer`` of one value found at ``path`` under each side of a bench.py report; "none" where the
+    peer does not report it (anomalib's GANomaly has no map, so no pixel metrics)."""
+
+    def cell(r: dict[str, Any]) -> str:
+        try:
+            peer = fmt(lookup(r["peer"], path))
+        except KeyError:
+            peer = "none"
+        return f"{fmt(lookup(r['adx'], path))} / {peer}"
+
+    return cell
 
 
 SCRATCH_VS_PEER = Table(
@@ -470,7 +486,12 @@ SCRATCH_VS_PEER = Table(
         Col("pixel AUROC adx / peer", "r", "", _adx_peer("metrics.pixel_AUROC", fixed(3))),
         Col("peak RSS adx / peer, MB", "r", "", _adx_peer("peak_rss_mb", whole)),
     ],
-    rows=[Row("DRAEM", {"r": "draem_screw.json"}), Row("DRAEM", {"r": "draem_magnetic_tile.json"})],
+    rows=[
+        Row("DRAEM", {"r": "draem_screw.json"}),
+        Row("DRAEM, the peer's lr 1e-4", {"r": "draem_lr1e-4_screw.json"}),
+        Row("DRAEM", {"r": "draem_magnetic_tile.json"}),
+        *[Row("GANomaly", {"r": f"ganomaly_{category}.json"}) for category in CATEGORIES],
+    ],
 )
 
 SCRATCH_TRAIN_VS_PEER = Table(
@@ -489,7 +510,10 @@ SCRATCH_TRAIN_VS_PEER = Table(
         ),
         Col("ratio", "r", "ratios.train_throughput_ratio", ratio(2)),
     ],
-    rows=[Row("DRAEM (widths 16 / 8, 128 px, batch 8)", {"r": "draem_train_vs_peer.json"})],
+    rows=[
+        Row("DRAEM (widths 16 / 8, 128 px, batch 8)", {"r": "draem_train_vs_peer.json"}),
+        Row("GANomaly (width 64, 64 px, batch 16)", {"r": "ganomaly_train_vs_peer.json"}),
+    ],
 )
 
 TABLES: dict[str, Table | Transposed | Rendered] = {
