@@ -122,3 +122,15 @@ def small_trainer(folder: Path, max_epochs: int = 1, writer: bool = True, **kw: 
         callbacks=[Calibration(), ResultsWriter()] if writer else [Calibration()],
         **kw,
     )
+
+
+def assert_deterministic_and_traceable(model: Any, x: Any) -> None:
+    """``model(x)`` twice gives equal outputs, and its jit trace gives the same within float rounding."""
+    import torch
+
+    with torch.no_grad():
+        first, again = model(x), model(x)
+        traced = torch.jit.trace(model, x, check_trace=False, strict=False)(x)
+    for a, b, c in zip(first, again, traced, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

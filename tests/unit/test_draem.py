@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import small_datamodule, small_trainer
+from tests.conftest import assert_deterministic_and_traceable, small_datamodule, small_trainer
 
 from adx.callbacks.results import data_sources
 from adx.models.components.focal import focal_loss
@@ -55,12 +55,7 @@ def test_score_is_the_max_of_the_mean_filtered_map() -> None:
 def test_forward_traces_and_is_deterministic() -> None:
     model = DraemModel(**SMALL).eval()
     x = _images(2, 64)
-    with torch.no_grad():
-        first, again = model(x), model(x)
-        traced = torch.jit.trace(model, x, check_trace=False, strict=False)(x)
-    for a, b, c in zip(first, again, traced, strict=True):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    assert_deterministic_and_traceable(model, x)
 
 
 def test_same_seed_same_weights() -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.conftest import small_datamodule, small_trainer
+from tests.conftest import assert_deterministic_and_traceable, small_datamodule, small_trainer
 
 from adx.models.components.optim import spec
 from adx.models.dsr import DSR, DSRModel
@@ -398,12 +398,7 @@ def test_forward_shapes_ranges_and_trace() -> None:
         assert 0.0 <= float(maps.min()) and float(maps.max()) <= 1.0
         assert 0.0 <= float(scores.min()) and float(scores.max()) <= 1.0
     x = _images(2, 64)
-    with torch.no_grad():
-        first, again = model(x), model(x)
-        traced = torch.jit.trace(model, x, check_trace=False, strict=False)(x)
-    for a, b, c in zip(first, again, traced, strict=True):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    assert_deterministic_and_traceable(model, x)
 
 
 def test_quantization_margins_cover_the_four_searches() -> None:
