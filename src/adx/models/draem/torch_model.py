@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adx.models.components.focal import focal_loss
+from adx.models.components.precise_bn import recompute_batchnorm
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import PerlinAnomaly
 from adx.models.components.ssim import ssim
@@ -248,26 +249,13 @@ class DraemModel(nn.Module):
         """
         if not self.precise_bn:
             return
-        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        states = [(m, m.momentum, m.training) for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass
-            m.train()
-        seen = 0
-        try:
-            for batch in batches:
-                corrupted, _ = self.synthesize(batch["image"], self.anomaly_seeds(batch))
-                self.discriminative(torch.cat([corrupted, self.reconstructive(corrupted)], dim=1))
-                seen += len(corrupted)
-        finally:
-            for m, momentum, training in states:
-                m.momentum = momentum
-                m.train(training)
-        if seen == 0:
-            raise RuntimeError(
-                "DRAEM precise_bn: no training images to compute the BatchNorm statistics from"
-            )
+
+        def forward(batch: dict[str, Any]) -> int:
+            corrupted, _ = self.synthesize(batch["image"], self.anomaly_seeds(batch))
+            self.discriminative(torch.cat([corrupted, self.reconstructive(corrupted)], dim=1))
+            return len(corrupted)
+
+        recompute_batchnorm(self, batches, forward, "DRAEM")
 
     def check_fitted(self) -> None:
         """Raise RuntimeError unless the networks were trained."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from adx.models.components.autoencoder import InputSizeError
 from adx.models.components.maps import gaussian_smooth
+from adx.models.components.precise_bn import recompute_batchnorm
 
 Score = Literal["latent", "contextual", "contextual_mean"]
 LatentDistance = Literal["l1", "l2"]
@@ -372,25 +373,12 @@ class GANomalyModel(nn.Module):
         if not self.precise_bn:
             return
         generator, _ = self._networks()
-        norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
-        states = [(m, m.momentum, m.training) for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass
-            m.train()
-        seen = 0
-        try:
-            for batch in batches:
-                self.generate(batch["image"])
-                seen += len(batch["image"])
-        finally:
-            for m, momentum, training in states:
-                m.momentum = momentum
-                m.train(training)
-        if seen == 0:
-            raise RuntimeError(
-                "GANomaly precise_bn: no training images to compute the BatchNorm statistics from"
-            )
+
+        def forward(batch: dict[str, Any]) -> int:
+            self.generate(batch["image"])
+            return len(batch["image"])
+
+        recompute_batchnorm(generator, batches, forward, "GANomaly")
 
     def check_fitted(self) -> None:
         """Raise RuntimeError unless the networks were trained."""
