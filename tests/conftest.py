@@ -124,6 +124,37 @@ def small_trainer(folder: Path, max_epochs: int = 1, writer: bool = True, **kw: 
     )
 
 
+def fit_counting_frozen_passes(
+    module: Any, root: Path, folder: Path, epochs: int = 2, **trainer_kw: Any
+) -> tuple[list[float], int]:
+    """Fit ``module`` on ``root`` (batch 4) and return its training losses, one per step, and how many
+    training steps ran its torch model's ``frozen_features`` (validation runs in eval mode and is not
+    counted): the frozen-feature cache should spare every epoch after the first."""
+    from lightning.pytorch import Callback
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.values.append(float(outputs["loss"]))
+
+    passes = 0
+    frozen = module.model.frozen_features
+
+    def counted(images: Any) -> Any:
+        nonlocal passes
+        passes += int(module.model.training)
+        return frozen(images)
+
+    module.model.frozen_features = counted
+    losses = Losses()
+    trainer = small_trainer(folder, epochs, writer=False, **trainer_kw)
+    trainer.callbacks.append(losses)
+    trainer.fit(module, datamodule=small_datamodule(root))
+    return losses.values, passes
+
+
 def assert_deterministic_and_traceable(model: Any, x: Any) -> None:
     """``model(x)`` twice gives equal outputs, and its jit trace gives the same within float rounding."""
     import torch

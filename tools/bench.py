@@ -32,8 +32,10 @@ from adx.models import MODELS
 
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "peer_anomalib.py"
 PEER_NAMES = {"PatchCore": "Patchcore", "Padim": "Padim"}
-# methods trained from scratch, run on the peer by tools/peer_scratch.py with adx's run settings
-PEER_SCRATCH = {"Draem": "Draem", "GANomaly": "Ganomaly", "DSR": "Dsr"}
+# trained methods, run on the peer by tools/peer_scratch.py with adx's run settings
+PEER_SCRATCH = {"Draem": "Draem", "GANomaly": "Ganomaly", "DSR": "Dsr", "STFPM": "Stfpm"}
+# the peer's layer names for adx's strides, for methods with a pretrained network
+PEER_LAYERS = {"tf_efficientnet_lite0": {4: "blocks.1", 8: "blocks.2", 16: "blocks.4"}}
 
 
 def peak_rss_mb() -> int:
@@ -156,8 +158,12 @@ def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
         str(cfg["trainer"]["max_epochs"]),
         *[a for kv in args.peer_kw for a in ("--kw", kv)],
     ]
+    init = model.get("init_args", {})
+    if args.model == "STFPM":
+        backbone = init.get("backbone", "tf_efficientnet_lite0")
+        layers = [PEER_LAYERS[backbone][s] for s in init.get("strides", (4, 8, 16))]
+        cmd += ["--backbone", backbone, "--weights", args.peer_weights, "--layers", *layers]
     if args.model == "Draem":
-        init = model.get("init_args", {})
         widths = [str(init.get("reconstructive_width", 128)), str(init.get("discriminative_width", 64))]
         cmd += ["--widths", *widths, "--anomaly-source", texture_folder(model)]
     subprocess.run(

@@ -1,13 +1,20 @@
-"""anomalib (the peer) training a from-scratch method, for tools/bench.py --peer; run with the peer venv's python.
+"""anomalib (the peer) training a method, for tools/bench.py --peer; run with the peer venv's python.
 
     <peer-venv>/bin/python tools/peer_scratch.py Draem ROOT CATEGORY OUT.json --image-size 128 \
         --batch-size 8 --epochs 20 [--anomaly-source DIR] [--widths 16 8] [--kw key=value ...]
+    <peer-venv>/bin/python tools/peer_scratch.py Stfpm ROOT CATEGORY OUT.json --image-size 256 \
+        --batch-size 32 --epochs 15 --backbone tf_efficientnet_lite0 --weights lite0.pth \
+        --layers blocks.1 blocks.2 blocks.4
 
 Fits the peer's model on the category's training images, then tests it on the test split, and records
 per-epoch training time (tools/train_timing.EpochTimer, the same code that times adx), fit and test wall
 time, peak RSS and the peer's own metrics. ``--widths R D`` narrows DRAEM's reconstructive and
 discriminative sub-networks (the peer hard-codes the paper's 128 / 64) so both sides train the same
 network on a CPU; ``--anomaly-source`` points its Perlin generator at the same texture files as adx's.
+Methods with a pretrained network (STFPM's teacher) take ``--backbone``, ``--layers`` and ``--weights`` (a timm
+state dict, tools/export_timm_weights.py), loaded where the peer would download its weights; their inputs are
+normalised with ImageNet's statistics, the peer's default. Pure-model latency: the peer's torch model on one
+preprocessed test batch in eval mode, after a warm-up, as tools/bench.py times adx's.
 Validation is limited to one batch per epoch (the peer validates on the test split, which adx does not
 do while training). This file is a tool run inside the peer's environment; adx itself never imports anomalib.
 """
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import torch
 from anomalib.pre_processing import PreProcessor
-from torchvision.transforms.v2 import Compose, Resize
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from peer_train import peer_run  # tools/ is on sys.path when run as a script
 from train_timing import peak_rss_mb
@@ -41,11 +48,45 @@ def narrow_draem(reconstructive: int, discriminative: int) -> None:
     draem.DraemModel.__init__ = init
 
 
+def offline_timm(weights: str) -> None:
+    """Make timm's (and the peer's feature extractor's) pretrained backbones load ``weights`` from disk."""
+    import timm
+    from anomalib.models.components.feature_extractors import timm as peer_timm
+
+    create = timm.create_model
+
+    def create_offline(name: str, pretrained: bool = False, **kw):  # noqa: ANN202, ANN003
+        kw.pop("pretrained_cfg", None)
+        model = create(name, pretrained=False, **kw)
+        if pretrained:
+            missing, _ = model.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+            if [k for k in missing if "num_batches" not in k]:
+                raise RuntimeError(f"{weights} lacks {missing[:5]} for {name}")
+        return model
+
+    timm.create_model = create_offline
+    peer_timm.timm.create_model = create_offline
+
+
+def model_latency(model: torch.nn.Module, dm, repeats: int = 3) -> dict:  # noqa: ANN001
+    """Milliseconds per image of the peer's torch model on one preprocessed test batch (after a warm-up)."""
+    batch = next(iter(dm.test_dataloader()))
+    images = model.pre_processor.transform(batch.image)
+    net = model.model.eval()
+    with torch.inference_mode():
+        net(images)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            net(images)
+        seconds = (time.perf_counter() - t0) / repeats
+    return {"batch": len(images), "ms_per_image": round(1000 * seconds / len(images), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr"])
+    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr", "Stfpm"])
     parser.add_argument("root")
     parser.add_argument("category")
     parser.add_argument("out")
@@ -56,12 +97,24 @@ def main() -> None:
     parser.add_argument(
         "--widths", type=int, nargs=2, help="DRAEM's reconstructive and discriminative widths"
     )
+    parser.add_argument("--backbone", help="timm backbone of a pretrained network (STFPM's teacher)")
+    parser.add_argument("--layers", nargs="*", help="the peer's layer names for --backbone")
+    parser.add_argument("--weights", help="timm state dict of --backbone (tools/export_timm_weights.py)")
     parser.add_argument(
         "--kw", action="append", default=[], help="extra model argument key=value (YAML value)"
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    kwargs = {"pre_processor": PreProcessor(transform=Compose([Resize((args.image_size, args.image_size))]))}
+    steps = [Resize((args.image_size, args.image_size))]
+    if args.backbone:
+        steps.append(Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
+    kwargs = {"pre_processor": PreProcessor(transform=Compose(steps))}
+    if args.weights:
+        offline_timm(args.weights)
+    if args.backbone:
+        kwargs["backbone"] = args.backbone
+    if args.layers:
+        kwargs["layers"] = args.layers
     if args.model == "Draem":
         if args.widths:
             narrow_draem(*args.widths)
@@ -85,6 +138,8 @@ def main() -> None:
         batch_size=args.batch_size,
         epochs=args.epochs,
         widths=args.widths,
+        backbone=args.backbone,
+        layers=args.layers,
         anomaly_source=args.anomaly_source,
         extra=args.kw,
     )
@@ -93,6 +148,7 @@ def main() -> None:
         test_s=round(test_s, 2),
         n_test=n_test,
         test_img_per_s=round(n_test / test_s, 2),
+        latency=model_latency(model, dm),
         peak_rss_mb=peak_rss_mb(),
         metrics={k: float(v) for k, v in results[0].items()},
     )

@@ -3,7 +3,7 @@
     <peer-venv>/bin/python tools/peer_train.py Fastflow ROOT CATEGORY OUT.json --backbone resnet18 \
         --image-size 256 --batch-size 16 --batches 8 --epochs 3 [--layers layer1 layer2 layer3]
 
-Backbones get random weights (pre_trained=False): throughput does not depend on them, and it avoids
+Backbones get random weights (pre_trained=False; STFPM's teacher through timm): throughput does not depend on them, and it avoids
 needing the peer's hub downloads. Timed like adx in tools/bench_train.py: from the start of each
 training epoch to the end of its last training batch (data loading included, validation excluded).
 This file is a tool run inside the peer's environment; adx itself never imports anomalib.
@@ -56,11 +56,26 @@ def peer_run(
     return model, dm, timer, engine
 
 
+def random_weights_timm() -> None:
+    """timm (and the peer's feature extractor) build pretrained backbones with random weights, no download."""
+    import timm
+    from anomalib.models.components.feature_extractors import timm as peer_timm
+
+    create = timm.create_model
+
+    def create_random(name: str, pretrained: bool = False, **kw):  # noqa: ANN202, ANN003, ARG001
+        kw.pop("pretrained_cfg", None)
+        return create(name, pretrained=False, **kw)
+
+    timm.create_model = create_random
+    peer_timm.timm.create_model = create_random
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", choices=["Fastflow", "Cflow"])
+    parser.add_argument("model", choices=["Fastflow", "Cflow", "Stfpm", "ReverseDistillation"])
     parser.add_argument("root")
     parser.add_argument("category")
     parser.add_argument("out")
@@ -81,6 +96,9 @@ def main() -> None:
     kwargs = {"backbone": args.backbone, "pre_trained": False, "pre_processor": PreProcessor(transform=tf)}
     if args.layers:
         kwargs["layers"] = args.layers
+    if args.model == "Stfpm":  # no pre_trained switch: its teacher is created pretrained, here with random weights
+        del kwargs["pre_trained"]
+        random_weights_timm()
     model, dm, timer, engine = peer_run(args, kwargs, "peer_train", limit_train_batches=args.batches)
     engine.fit(model=model, datamodule=dm)
     record = timer.record(

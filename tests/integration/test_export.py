@@ -46,6 +46,8 @@ SMALL = {  # enough to fit in seconds; every registered model must have an entry
     "Draem": ["--trainer.max_epochs", "2"],
     "GANomaly": ["--trainer.max_epochs", "2"],
     "DSR": ["--trainer.max_epochs", "3"],
+    "STFPM": ["--trainer.max_epochs", "2"],
+    "ReverseDistillation": ["--trainer.max_epochs", "3"],
 }
 RUNTIMES = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "torchscript": ("torch",)}
 RAW = ("image_score", "anomaly_map")

@@ -44,6 +44,8 @@ SMALL = {
         "smoothing": 5,
         "optimizer": spec("torch.optim.Adam", lr=3e-3),
     },
+    "STFPM": {},
+    "ReverseDistillation": {"oce_blocks": 1, "decoder_blocks": (1, 1, 1)},
 }
 FLOOR_METRIC = {"GANomaly": "pixel_AUROC"}
 """The floor's metric where it is not the image AUROC. GANomaly's image score, the paper's latent distance of a
@@ -58,6 +60,8 @@ EPOCHS = {
     "Draem": 30,
     "GANomaly": 10,
     "DSR": 20,
+    "STFPM": 10,
+    "ReverseDistillation": 5,
 }
 """Trained methods need a few epochs to separate the synthetic defects; one-pass methods take one. DRAEM at 20
 epochs scored 0.571 to 0.857 here depending on which tests ran before it in the process (state outside the

@@ -10,6 +10,8 @@ from adx.models.fastflow import FastFlow
 from adx.models.ganomaly import GANomaly
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
+from adx.models.reverse_distillation import ReverseDistillation
+from adx.models.stfpm import STFPM
 from adx.models.trained import TrainedModule
 from adx.models.vae import VAE
 
@@ -26,6 +28,8 @@ __all__ = [
     "MemoryBankModule",
     "Padim",
     "PatchCore",
+    "ReverseDistillation",
+    "STFPM",
     "TrainedModule",
     "VAE",
     "ZeroShotModule",
@@ -42,5 +46,7 @@ MODELS: dict[str, type[AnomalyModule]] = {
     "Draem": Draem,
     "GANomaly": GANomaly,
     "DSR": DSR,
+    "STFPM": STFPM,
+    "ReverseDistillation": ReverseDistillation,
 }
 """Every method by class name; contract tests are parametrised over it."""

@@ -22,6 +22,18 @@ def to_image_size(maps: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Te
     return gaussian_smooth(up, sigma)
 
 
+def upsample_and_combine(maps: list[Tensor], size: tuple[int, int], multiply: bool) -> Tensor:
+    """Per-scale maps [B,h_i,w_i] -> each upsampled (bilinear) to ``size``, then multiplied or summed [B,H,W]
+    (the student-teacher methods' way of making one anomaly map from several feature scales)."""
+    out: Tensor | None = None
+    for m in maps:
+        up = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        out = up if out is None else (out * up if multiply else out + up)
+    if out is None:
+        raise ValueError("upsample_and_combine needs at least one map")
+    return out
+
+
 def align_and_concat(features: list[Tensor]) -> Tensor:
     """Feature maps at several strides -> upsampled to the first (finest) map and concatenated [B,C,h,w]."""
     size = features[0].shape[-2:]

@@ -1,10 +1,24 @@
-"""Stable per-image seeds for synthetic anomalies (DRAEM, DSR): reproducible runs, resumes and DDP ranks."""
+"""Seeds: stable per-image seeds for synthetic anomalies (DRAEM, DSR), for reproducible runs, resumes and DDP
+ranks; weights built from a seed of their own."""
 
 from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import torch
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the block torch's CPU generator starts from ``seed``; after it, the global generator is as it
+    was (a model's initial weights depend on its ``seed`` argument alone, not on what ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def mix(*keys: Any) -> int:
