@@ -96,7 +96,9 @@ def main() -> None:
     kwargs = {"backbone": args.backbone, "pre_trained": False, "pre_processor": PreProcessor(transform=tf)}
     if args.layers:
         kwargs["layers"] = args.layers
-    if args.model == "Stfpm":  # no pre_trained switch: its teacher is created pretrained, here with random weights
+    if (
+        args.model == "Stfpm"
+    ):  # no pre_trained switch: its teacher is created pretrained, here with random weights
         del kwargs["pre_trained"]
         random_weights_timm()
     model, dm, timer, engine = peer_run(args, kwargs, "peer_train", limit_train_batches=args.batches)

@@ -48,6 +48,7 @@ SMALL = {  # enough to fit in seconds; every registered model must have an entry
     "DSR": ["--trainer.max_epochs", "3"],
     "STFPM": ["--trainer.max_epochs", "2"],
     "ReverseDistillation": ["--trainer.max_epochs", "3"],
+    "SimpleNet": ["--trainer.max_epochs", "2"],
 }
 RUNTIMES = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "torchscript": ("torch",)}
 RAW = ("image_score", "anomaly_map")

@@ -46,6 +46,7 @@ SMALL = {
     },
     "STFPM": {},
     "ReverseDistillation": {"oce_blocks": 1, "decoder_blocks": (1, 1, 1)},
+    "SimpleNet": {},
 }
 FLOOR_METRIC = {"GANomaly": "pixel_AUROC"}
 """The floor's metric where it is not the image AUROC. GANomaly's image score, the paper's latent distance of a
@@ -62,6 +63,7 @@ EPOCHS = {
     "DSR": 20,
     "STFPM": 10,
     "ReverseDistillation": 5,
+    "SimpleNet": 3,
 }
 """Trained methods need a few epochs to separate the synthetic defects; one-pass methods take one. DRAEM at 20
 epochs scored 0.571 to 0.857 here depending on which tests ran before it in the process (state outside the

@@ -11,6 +11,7 @@ from adx.models.ganomaly import GANomaly
 from adx.models.padim import Padim
 from adx.models.patchcore import PatchCore
 from adx.models.reverse_distillation import ReverseDistillation
+from adx.models.simplenet import SimpleNet
 from adx.models.stfpm import STFPM
 from adx.models.trained import TrainedModule
 from adx.models.vae import VAE
@@ -30,6 +31,7 @@ __all__ = [
     "PatchCore",
     "ReverseDistillation",
     "STFPM",
+    "SimpleNet",
     "TrainedModule",
     "VAE",
     "ZeroShotModule",
@@ -48,5 +50,6 @@ MODELS: dict[str, type[AnomalyModule]] = {
     "DSR": DSR,
     "STFPM": STFPM,
     "ReverseDistillation": ReverseDistillation,
+    "SimpleNet": SimpleNet,
 }
 """Every method by class name; contract tests are parametrised over it."""

@@ -1,0 +1,69 @@
+"""Lightning adapter for SimpleNet: one Adam step per batch on the adaptor and discriminator together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from adx.models.components.feature_cache import CacheMode
+from adx.models.components.optim import build, spec
+from adx.models.simplenet.torch_model import SimpleNetModel
+from adx.models.trained import TrainedModule
+
+
+class SimpleNet(TrainedModule):
+    """SimpleNet (arXiv 2303.15140); model arguments are SimpleNetModel's, with its defaults.
+
+    Each training step draws fresh Gaussian noise from generators seeded by the model's ``seed``, the optimizer
+    step and the image's place in the batch, so runs and resumed runs reproduce. ``train/p_true`` and
+    ``train/p_fake`` log the share of normal features scored above the margin and of noisy ones below it.
+
+    Args:
+        optimizer: the paper's Adam, lr 2e-4 (the discriminator's) and weight decay 1e-5.
+        adaptor_lr: the feature adaptor's learning rate, a parameter group of the same optimizer (paper: 1e-4);
+            None: the optimizer's lr.
+        scheduler: none in the paper.
+        feature_cache: keep the frozen backbone's maps of the training images after the first epoch
+            (``auto``: in memory up to 4 GiB, else on disk; ``off`` recomputes them every epoch).
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = spec("torch.optim.Adam", lr=2e-4, weight_decay=1e-5),
+        adaptor_lr: float | None = 1e-4,
+        scheduler: LRSchedulerCallable | None = None,
+        feature_cache: CacheMode = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if adaptor_lr is not None and not adaptor_lr > 0:
+            raise ValueError(
+                f"adaptor_lr must be > 0 or null, got {adaptor_lr}: use e.g. --model.adaptor_lr 0.0001"
+            )
+        super().__init__(optimizer, scheduler, feature_cache=feature_cache)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.adaptor_lr = adaptor_lr
+        self.model = SimpleNetModel(**kwargs)
+
+    def configure_optimizers(self) -> Any:
+        """One optimizer, two parameter groups: the adaptor (``adaptor_lr``) and the discriminator."""
+        adaptor: dict[str, Any] = {"params": list(self.model.adaptor.parameters())}
+        if self.adaptor_lr is not None:
+            adaptor["lr"] = self.adaptor_lr
+        opt = build(self.optimizer_spec, [adaptor, {"params": list(self.model.discriminator.parameters())}])
+        if self.scheduler_spec is None:
+            return opt
+        scheduler = build(self.scheduler_spec, opt)
+        self._follow_trainer(scheduler)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
+        loss = super().training_step(batch, batch_idx)
+        for name, value in self.model.loss_terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
