@@ -12,6 +12,7 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,12 @@ SMALL = {  # enough to fit in seconds; every registered model must have an entry
     "STFPM": ["--trainer.max_epochs", "2"],
     "ReverseDistillation": ["--trainer.max_epochs", "3"],
     "SimpleNet": ["--trainer.max_epochs", "2"],
+    "EfficientAd": [  # the demo config's teacher, distilled into a folder of the test's own
+        "--trainer.max_epochs",
+        "2",
+        "--model.teacher_cache",
+        tempfile.mkdtemp(prefix="adx_export_teacher_"),
+    ],
 }
 RUNTIMES = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "torchscript": ("torch",)}
 RAW = ("image_score", "anomaly_map")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,16 @@ SMALL = {
     "STFPM": {},
     "ReverseDistillation": {"oce_blocks": 1, "decoder_blocks": (1, 1, 1)},
     "SimpleNet": {},
+    "EfficientAd": {  # a 2-step teacher (about a random PDN), cached apart from the user's
+        "teacher_steps": 2,
+        "teacher_batch_size": 2,
+        "teacher_crop_size": 64,
+        "teacher_cache": tempfile.mkdtemp(prefix="adx_contract_teacher_"),
+        "hard_quantile": 0.9,
+        "optimizer": spec("torch.optim.Adam", lr=1e-3),
+    },
 }
-FLOOR_METRIC = {"GANomaly": "pixel_AUROC"}
+FLOOR_METRIC = {"GANomaly": "pixel_AUROC", "EfficientAd": "pixel_AUROC"}
 """The floor's metric where it is not the image AUROC. GANomaly's image score, the paper's latent distance of a
 100-number code, does not rank these small local defects (0.45 image AUROC here with 10 or 30 epochs; its
 README explains why); its map, the contextual error (adx's, not the paper's), does (0.77 pixel AUROC)."""
@@ -64,6 +73,7 @@ EPOCHS = {
     "STFPM": 10,
     "ReverseDistillation": 5,
     "SimpleNet": 3,
+    "EfficientAd": 20,
 }
 """Trained methods need a few epochs to separate the synthetic defects; one-pass methods take one. DRAEM at 20
 epochs scored 0.571 to 0.857 here depending on which tests ran before it in the process (state outside the

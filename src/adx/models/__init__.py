@@ -6,6 +6,7 @@ from adx.models.cflow import CFlow
 from adx.models.dae import DAE
 from adx.models.draem import Draem
 from adx.models.dsr import DSR
+from adx.models.efficient_ad import EfficientAd
 from adx.models.fastflow import FastFlow
 from adx.models.ganomaly import GANomaly
 from adx.models.padim import Padim
@@ -24,6 +25,7 @@ __all__ = [
     "DAE",
     "DSR",
     "Draem",
+    "EfficientAd",
     "FastFlow",
     "GANomaly",
     "MemoryBankModule",
@@ -51,5 +53,6 @@ MODELS: dict[str, type[AnomalyModule]] = {
     "STFPM": STFPM,
     "ReverseDistillation": ReverseDistillation,
     "SimpleNet": SimpleNet,
+    "EfficientAd": EfficientAd,
 }
 """Every method by class name; contract tests are parametrised over it."""
