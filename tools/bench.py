@@ -33,7 +33,13 @@ from adx.models import MODELS
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "peer_anomalib.py"
 PEER_NAMES = {"PatchCore": "Patchcore", "Padim": "Padim"}
 # trained methods, run on the peer by tools/peer_scratch.py with adx's run settings
-PEER_SCRATCH = {"Draem": "Draem", "GANomaly": "Ganomaly", "DSR": "Dsr", "STFPM": "Stfpm"}
+PEER_SCRATCH = {
+    "Draem": "Draem",
+    "GANomaly": "Ganomaly",
+    "DSR": "Dsr",
+    "STFPM": "Stfpm",
+    "EfficientAd": "EfficientAd",
+}
 # the peer's layer names for adx's strides, for methods with a pretrained network
 PEER_LAYERS = {"tf_efficientnet_lite0": {4: "blocks.1", 8: "blocks.2", 16: "blocks.4"}}
 
@@ -126,6 +132,7 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "metrics": report["metrics"],
         "weights": report["weights"],
+        "sources": report.get("sources"),
     }
 
 
@@ -137,6 +144,18 @@ def texture_folder(model: dict) -> str:
     for i, path in enumerate(TextureSource(model.get("init_args", {}).get("anomaly_source")).files):
         (folder / f"{i:03d}_{path.name}").symlink_to(path)
     return str(folder)
+
+
+def natural_image_folder(model: dict) -> str:
+    """A folder of links to the natural images adx's penalty source used, as one class folder (the peer reads an
+    ImageFolder), so the peer's EfficientAD draws its penalty images from the same files."""
+    from adx.models.components.sources.images import NaturalImages
+
+    folder = Path(tempfile.mkdtemp(prefix="adx_natural_")) / "images"
+    folder.mkdir()
+    for i, path in enumerate(NaturalImages(model.get("init_args", {}).get("penalty_images")).files):
+        (folder / f"{i:03d}_{path.name}").symlink_to(path)
+    return str(folder.parent)
 
 
 def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
@@ -159,6 +178,18 @@ def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
         *[a for kv in args.peer_kw for a in ("--kw", kv)],
     ]
     init = model.get("init_args", {})
+    if args.model == "EfficientAd":  # the same teacher file, penalty images, steps and learning rate
+        teacher = adx["sources"]["teacher"]
+        cmd += [
+            "--teacher",
+            teacher.get("file") or teacher["cache_file"],
+            "--imagenet-dir",
+            natural_image_folder(model),
+        ]
+        limit = cfg["trainer"].get("limit_train_batches")
+        if limit:
+            cmd += ["--limit-train-batches", str(int(limit))]
+        cmd += ["--kw", f"lr={model['init_args']['optimizer']['init_args']['lr']}"]
     if args.model == "STFPM":
         backbone = init.get("backbone", "tf_efficientnet_lite0")
         layers = [PEER_LAYERS[backbone][s] for s in init.get("strides", (4, 8, 16))]
@@ -209,15 +240,23 @@ def main() -> None:
     parser.add_argument("--peer-weights", help="timm state dict for the peer (tools/export_timm_weights.py)")
     parser.add_argument("--peer-kw", action="append", default=[], help="peer model argument key=value")
     parser.add_argument("--train-timing", action="store_true", help="record per-epoch training time")
+    parser.add_argument(
+        "--peer-after",
+        help="an adx report of this script: run only the peer, with that run's settings, and add it",
+    )
     parser.add_argument("--runs", default="/tmp/adx_bench_runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    runs = Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}"
-    record = {
-        "command": " ".join(sys.argv),
-        "cpu_threads": torch.get_num_threads(),
-        "adx": run_adx(args, runs),
-    }
+    if args.peer_after:  # the peer's side for an adx report written earlier (run apart, the same settings)
+        record = json.loads(Path(args.peer_after).read_text())
+        record["peer_command"] = " ".join(sys.argv) + " (the peer run apart from the adx run)"
+    else:
+        runs = Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}"
+        record = {
+            "command": " ".join(sys.argv),
+            "cpu_threads": torch.get_num_threads(),
+            "adx": run_adx(args, runs),
+        }
     if args.peer:
         peer_out = Path(args.out).with_suffix(".peer.json")
         if args.model in PEER_SCRATCH:

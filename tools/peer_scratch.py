@@ -68,6 +68,26 @@ def offline_timm(weights: str) -> None:
     peer_timm.timm.create_model = create_offline
 
 
+def install_teacher(path: str) -> None:
+    """Make the peer's EfficientAD read adx's distilled PDN-S teacher instead of downloading the authors'.
+
+    adx's file holds the PDN as an ``nn.Sequential`` (convolutions at 0, 3, 6, 8); the peer names them
+    conv1..conv4. The converted file goes to a temporary folder the peer is pointed at.
+    """
+    import tempfile
+
+    from anomalib.models.image.efficient_ad import lightning_model as effad
+
+    stored = torch.load(path, map_location="cpu", weights_only=False)
+    state = stored.get("state_dict", stored)
+    names = {"0": "conv1", "3": "conv2", "6": "conv3", "8": "conv4"}
+    converted = {f"{names[k.split('.')[0]]}.{k.split('.')[1]}": v for k, v in state.items()}
+    folder = Path(tempfile.mkdtemp(prefix="peer_teacher_"))
+    (folder / "efficientad_pretrained_weights").mkdir()
+    torch.save(converted, folder / "efficientad_pretrained_weights" / "pretrained_teacher_small.pth")
+    effad.get_pretrained_weights_dir = lambda: folder
+
+
 def model_latency(model: torch.nn.Module, dm, repeats: int = 3) -> dict:  # noqa: ANN001
     """Milliseconds per image of the peer's torch model on one preprocessed test batch (after a warm-up)."""
     batch = next(iter(dm.test_dataloader()))
@@ -86,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr", "Stfpm"])
+    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr", "Stfpm", "EfficientAd"])
     parser.add_argument("root")
     parser.add_argument("category")
     parser.add_argument("out")
@@ -97,6 +117,11 @@ def main() -> None:
     parser.add_argument(
         "--widths", type=int, nargs=2, help="DRAEM's reconstructive and discriminative widths"
     )
+    parser.add_argument(
+        "--teacher", help="EfficientAD: adx's teacher file (its PDN-S), loaded in the peer's layout"
+    )
+    parser.add_argument("--imagenet-dir", help="EfficientAD: a folder of class folders of penalty images")
+    parser.add_argument("--limit-train-batches", type=int, help="training batches per epoch (adx's setting)")
     parser.add_argument("--backbone", help="timm backbone of a pretrained network (STFPM's teacher)")
     parser.add_argument("--layers", nargs="*", help="the peer's layer names for --backbone")
     parser.add_argument("--weights", help="timm state dict of --backbone (tools/export_timm_weights.py)")
@@ -122,7 +147,13 @@ def main() -> None:
             kwargs["dtd_dir"] = args.anomaly_source
     if args.model == "Ganomaly":
         kwargs["batch_size"] = args.batch_size
-    model, dm, timer, engine = peer_run(args, kwargs, "peer_scratch")
+    if args.model == "EfficientAd":
+        kwargs.update(imagenet_dir=args.imagenet_dir, padding=True, model_size="small")
+        install_teacher(args.teacher)
+    engine_options = {}
+    if args.limit_train_batches:
+        engine_options["limit_train_batches"] = args.limit_train_batches
+    model, dm, timer, engine = peer_run(args, kwargs, "peer_scratch", **engine_options)
     t0 = time.perf_counter()
     engine.fit(model=model, datamodule=dm)
     fit_s = time.perf_counter() - t0
@@ -138,6 +169,8 @@ def main() -> None:
         batch_size=args.batch_size,
         epochs=args.epochs,
         widths=args.widths,
+        teacher=args.teacher,
+        limit_train_batches=args.limit_train_batches,
         backbone=args.backbone,
         layers=args.layers,
         anomaly_source=args.anomaly_source,
