@@ -155,6 +155,49 @@ def fit_counting_frozen_passes(
     return losses.values, passes
 
 
+def check_frozen_feature_cache(make: Any, root: Path, folder: Path, exact: bool = True) -> None:
+    """``make(cache_mode)`` -> a fresh module. Fitted from seed 0 for 2 epochs (batch 4) with the cache in memory
+    and without: the same losses and weights (bit for bit when ``exact``), and the frozen network ran in the
+    training steps of the first epoch only with the cache, in every step without it."""
+    import torch
+    from lightning.pytorch import seed_everything
+
+    runs = {}
+    for mode in ("memory", "off"):
+        seed_everything(0, verbose=False)
+        module = make(mode)
+        runs[mode] = (module, *fit_counting_frozen_passes(module, root, folder / mode))
+    (cached, cached_losses, cached_passes), (plain, plain_losses, plain_passes) = runs.values()
+    assert len(cached_losses) == len(plain_losses) == 6  # 12 training images, batch 4, 2 epochs
+    if exact:
+        assert cached_losses == plain_losses, "bit for bit: cached features are the computed ones"
+    else:
+        assert cached_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    for (name, a), (_, b) in zip(
+        cached.model.named_parameters(), plain.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6, msg=name)
+    assert (cached_passes, plain_passes) == (3, 6), (
+        "the cache spares the frozen network after the first epoch"
+    )
+    assert int(cached.model.trained_steps) == 6
+
+
+def check_bf16_step(make: Any, root: Path, folder: Path) -> None:
+    """One training step of ``make("auto")`` under CPU bf16 autocast gives a finite loss and counts the step."""
+    import math
+
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0, verbose=False)
+    module = make("auto")
+    losses, _ = fit_counting_frozen_passes(
+        module, root, folder, 1, precision="bf16-mixed", limit_train_batches=1
+    )
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert int(module.model.trained_steps) == 1
+
+
 def assert_deterministic_and_traceable(model: Any, x: Any) -> None:
     """``model(x)`` twice gives equal outputs, and its jit trace gives the same within float rounding."""
     import torch

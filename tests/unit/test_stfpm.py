@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch import seed_everything
-from tests.conftest import CONFIGS, fit_counting_frozen_passes
+from tests.conftest import CONFIGS, check_bf16_step, check_frozen_feature_cache
 
 from adx.models.components.optim import build_optimizers
 from adx.models.stfpm import STFPM, STFPMModel
@@ -161,36 +159,16 @@ def test_student_initialisation_is_seeded_and_leaves_the_global_generator_alone(
 
 
 # ---- training through Lightning: the feature cache, mixed precision --------------------------------
-def _fit(
-    root: Path, folder: Path, cache: str, epochs: int = 2, **trainer_kw
-) -> tuple[STFPM, list[float], int]:
-    seed_everything(0, verbose=False)
-    module = STFPM(feature_cache=cache)
-    losses, passes = fit_counting_frozen_passes(module, root, folder, epochs, **trainer_kw)
-    return module, losses, passes
+def _make(cache: str) -> STFPM:
+    return STFPM(feature_cache=cache)
 
 
 def test_cached_and_uncached_training_are_the_same(synthetic_root: Path, tmp_path: Path) -> None:
-    cached, cached_losses, cached_passes = _fit(synthetic_root, tmp_path / "a", "memory")
-    plain, plain_losses, plain_passes = _fit(synthetic_root, tmp_path / "b", "off")
-    assert len(cached_losses) == len(plain_losses) == 6  # 12 training images, batch 4, 2 epochs
-    assert cached_losses == plain_losses, (
-        "bit for bit: cached features are the computed ones, in the same layout"
-    )
-    for (name, a), (_, b) in zip(
-        cached.model.named_parameters(), plain.model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    assert (cached_passes, plain_passes) == (3, 6), "the cache spares the teacher after the first epoch"
-    assert int(cached.model.trained_steps) == 6
+    check_frozen_feature_cache(_make, synthetic_root, tmp_path)
 
 
 def test_bf16_mixed_smoke_step(synthetic_root: Path, tmp_path: Path) -> None:
-    module, losses, _ = _fit(
-        synthetic_root, tmp_path, "auto", epochs=1, precision="bf16-mixed", limit_train_batches=1
-    )
-    assert len(losses) == 1 and math.isfinite(losses[0])
-    assert int(module.model.trained_steps) == 1
+    check_bf16_step(_make, synthetic_root, tmp_path)
 
 
 # ---- configs ---------------------------------------------------------------------------------------

@@ -61,11 +61,16 @@ class TrainedModule(AnomalyModule):
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         out = build_optimizers(
-            self.model.parameters(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
+            self.parameter_groups(), self.optimizer_spec, self.scheduler_spec, self.scheduler_interval
         )
         if isinstance(out, dict):
             self._follow_trainer(out["lr_scheduler"]["scheduler"])
         return out
+
+    def parameter_groups(self) -> Any:
+        """What the optimizer trains: the model's parameters, or parameter groups (dicts with ``params`` and
+        options such as ``lr``) in methods whose parts train at different rates."""
+        return self.model.parameters()
 
     def on_train_start(self) -> None:
         # A resumed run restores the scheduler's saved horizon; one that follows the trainer takes the new one.
@@ -192,16 +197,12 @@ class TrainedModule(AnomalyModule):
             print(f"adx: frozen features cached in {where} for the next epochs", file=sys.stderr)
 
 
-class SyntheticAnomalyModule(TrainedModule):
-    """A TrainedModule whose torch model makes its own anomalies (DRAEM, DSR).
+class SeededStepModule(TrainedModule):
+    """A TrainedModule whose torch model draws random data in its loss (SimpleNet's noise, DRAEM's anomalies).
 
-    The model reads ``anomaly_step`` and ``anomaly_rank`` from the batch to seed each step's anomalies (runs
-    and resumed runs reproduce, DDP ranks differ), exposes per-term losses as ``loss_terms`` (logged per
-    epoch), and says where its anomaly data came from with ``data_sources()`` / ``restore_sources()``: that
-    record travels in every checkpoint (metrics.json gets it through the ResultsWriter).
+    The model reads ``anomaly_step`` and ``anomaly_rank`` from the batch to seed each step's draws (runs and
+    resumed runs reproduce, DDP ranks differ) and exposes per-term losses as ``loss_terms`` (logged per epoch).
     """
-
-    SOURCES_KEY = "adx_data_sources"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
@@ -209,6 +210,16 @@ class SyntheticAnomalyModule(TrainedModule):
         for name, value in self.model.loss_terms.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
         return loss
+
+
+class SyntheticAnomalyModule(SeededStepModule):
+    """A SeededStepModule whose model also trains on data besides the images (DRAEM's and DSR's anomaly
+    sources, EfficientAD's teacher and penalty images) and says where it came from with ``data_sources()`` /
+    ``restore_sources()`` (components/provenance.RecordsSources): that record travels in every checkpoint
+    (metrics.json gets it through the ResultsWriter).
+    """
+
+    SOURCES_KEY = "adx_data_sources"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

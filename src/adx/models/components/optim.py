@@ -46,16 +46,22 @@ def build(spec_or_callable: Callable[..., Any] | Mapping[str, Any], *args: Any) 
 
 
 def build_optimizers(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | Iterable[Mapping[str, Any]],
     optimizer: Callable[..., Any] | Mapping[str, Any],
     scheduler: Callable[..., Any] | Mapping[str, Any] | None,
     scheduler_interval: str = "epoch",
 ) -> Any:
-    """``configure_optimizers`` return value for ``params``."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    """``configure_optimizers`` return value for ``params``: parameters, or parameter groups (dicts with
+    ``params`` and per-group options such as ``lr``); parameters that do not require gradients are left out."""
+    items = list(params)
+    if items and isinstance(items[0], Mapping):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+        chosen: list[Any] = [g for g in groups if g["params"]]
+    else:
+        chosen = [p for p in items if p.requires_grad]
+    if not chosen:
         raise RuntimeError("no trainable parameters: this method's model has nothing to optimise")
-    opt = build(optimizer, params)
+    opt = build(optimizer, chosen)
     if scheduler is None:
         return opt
     return {

@@ -128,6 +128,29 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def read_state_file(
+    path: str | Path, error: type[Exception], fix: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, provenance saved with it or {}) of a weights file: a plain state dict, or adx's
+    ``{"state_dict", "provenance"}``. Any problem raises ``error`` naming the file and ``fix``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise error(f"weights file {path} does not exist: {fix}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(
+            f"cannot read {path} as a torch weights file ({type(exc).__name__}: {exc}): {fix}"
+        ) from exc
+    provenance: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        provenance = dict(obj.get("provenance") or {})
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise error(f"{path} does not hold a state dict of tensors: {fix}")
+    return obj, provenance
+
+
 def to_timm_layout(state: dict[str, Tensor], model: nn.Module, source: Path) -> dict[str, Tensor]:
     """Rename ``state`` into ``model``'s keys: by name when they match, else in order by shape.
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from adx.models.components.focal import focal_loss
 from adx.models.components.precise_bn import recompute_batchnorm
+from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import PerlinAnomaly
 from adx.models.components.ssim import ssim
@@ -107,7 +108,7 @@ class DiscriminativeNet(nn.Module):
         return self.out(y)
 
 
-class DraemModel(nn.Module):
+class DraemModel(RecordsSources, nn.Module):
     """Reconstructive + discriminative sub-networks trained on synthetic Perlin anomalies."""
 
     def __init__(
@@ -194,15 +195,6 @@ class DraemModel(nn.Module):
             )
             self._sources = {"anomalies": self._anomalies.provenance()}
         return self._anomalies
-
-    def data_sources(self) -> dict[str, Any]:
-        """Provenance of the data the model was trained on besides the images (JSON-ready; {} if unknown)."""
-        return dict(self._sources)
-
-    def restore_sources(self, record: dict[str, Any]) -> None:
-        """Set the provenance read back from a checkpoint (the source itself is not rebuilt)."""
-        if self._anomalies is None:
-            self._sources = dict(record)
 
     def anomaly_seeds(self, batch: dict[str, Any]) -> list[int]:
         """One generator seed per image of ``batch``.

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from adx.models.components.optim import build, spec
+from adx.models.components.optim import spec
 from adx.models.dsr.torch_model import DSRModel
 from adx.models.trained import SyntheticAnomalyModule
 
@@ -41,14 +41,9 @@ class DSR(SyntheticAnomalyModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = DSRModel(**kwargs)
 
-    def configure_optimizers(self) -> Any:
-        groups = [{"params": self.model.stage1_parameters()}, {"params": self.model.stage2_parameters()}]
-        opt = build(self.optimizer_spec, groups)
-        if self.scheduler_spec is None:
-            return opt
-        sched = build(self.scheduler_spec, opt)
-        self._follow_trainer(sched)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
+    def parameter_groups(self) -> Any:
+        """Stage 1's networks, then the upsampling module's (a stage-1 schedule may act on the first group)."""
+        return [{"params": self.model.stage1_parameters()}, {"params": self.model.stage2_parameters()}]
 
     def _follow_trainer(self, scheduler: Any) -> None:
         if getattr(scheduler, "follows_stage1", False):

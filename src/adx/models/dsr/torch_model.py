@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import adx
 from adx.models.components.focal import focal_loss
+from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import NaturalImages
 from adx.models.components.weights import sha256_file
@@ -49,7 +50,7 @@ def check_size(size: Sequence[int], flag: str) -> None:
         )
 
 
-class DSRModel(nn.Module):
+class DSRModel(RecordsSources, nn.Module):
     """VQ-VAE (general appearance) + subspace restriction and object-specific decoder + two U-Nets."""
 
     def __init__(
@@ -353,14 +354,6 @@ class DSRModel(nn.Module):
                 self._smudges = TextureSmudge(self.anomaly_source, self.opacity, self.p_anomaly)
             self._sources["anomalies"] = self._smudges.provenance()
         return self._smudges
-
-    def data_sources(self) -> dict[str, Any]:
-        """Provenance of the VQ-VAE and of the image-space anomalies (JSON-ready; {} before fitting)."""
-        return dict(self._sources)
-
-    def restore_sources(self, record: dict[str, Any]) -> None:
-        """Set the provenance read back from a checkpoint."""
-        self._sources = {**dict(record), **self._sources}
 
     def anomaly_seeds(self, batch: dict[str, Any], kind: str) -> list[int]:
         """One generator seed per image: by (seed, step, rank, index) in training, by image path otherwise."""

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adx.models.components.weights import read_state_file
+
 FORMAT = "adx-dsr-vq/1"
 """Tag of the weight files :func:`save_vq` writes; part of the natural-image cache key, so bump it when
 :func:`train_vq` changes what it produces (cached VQ-VAEs of the old code are then retrained)."""
@@ -294,21 +296,7 @@ def save_vq(vq: DiscreteLatentModel, path: str | Path, provenance: dict[str, Any
 
 def read_vq_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state dict in adx's layout, provenance saved with it or {}) of a VQ-VAE weights file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise VQWeightsError(f"VQ-VAE weights file {path} does not exist: fix --model.vq_weights")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VQWeightsError(
-            f"cannot read {path} as a torch weights file ({type(exc).__name__}: {exc}): fix --model.vq_weights"
-        ) from exc
-    provenance: dict[str, Any] = {}
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        provenance = dict(obj.get("provenance") or {})
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise VQWeightsError(f"{path} does not hold a state dict of tensors: fix --model.vq_weights")
+    obj, provenance = read_state_file(path, VQWeightsError, "fix --model.vq_weights (a VQ-VAE weights file)")
     return from_authors_layout(obj), provenance
 
 

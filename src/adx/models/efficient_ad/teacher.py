@@ -28,7 +28,7 @@ from torch import Tensor, nn
 import adx
 from adx.models.components.extractor import Backbone
 from adx.models.components.sources import NaturalImages
-from adx.models.components.weights import sha256_file
+from adx.models.components.weights import read_state_file, sha256_file
 
 FORMAT = 1
 """Layout version of adx's teacher files (``{"format", "state_dict", "provenance"}``)."""
@@ -184,22 +184,8 @@ def save_teacher(pdn: nn.Module, path: Path, provenance: dict[str, Any]) -> None
 
 def load_teacher(pdn: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a teacher file (adx's, or a plain PDN state dict) into ``pdn``; return the provenance saved with it."""
-    path = Path(path).expanduser()
     fix = "fix --model.teacher_weights"
-    if not path.is_file():
-        raise TeacherWeightsError(f"teacher weights file {path} does not exist: {fix}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TeacherWeightsError(
-            f"cannot read {path} as a torch weights file ({type(exc).__name__}: {exc}): {fix}"
-        ) from exc
-    provenance: dict[str, Any] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        provenance = dict(obj.get("provenance") or {})
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise TeacherWeightsError(f"{path} does not hold a state dict of tensors: {fix}")
+    obj, provenance = read_state_file(path, TeacherWeightsError, fix)
     own = pdn.state_dict()
     wrong = [k for k in own if k in obj and tuple(obj[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in obj]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds, mix, seeded
 from adx.models.components.sources import NaturalImages
 from adx.models.efficient_ad.networks import MODEL_SIZES, AutoEncoder, ModelSize, pdn, pdn_output_size
@@ -97,7 +98,7 @@ class TeacherCard:
             self.weights_source, self.weights_sha256 = "teacher not prepared yet", ""
 
 
-class EfficientAdModel(nn.Module):
+class EfficientAdModel(RecordsSources, nn.Module):
     """PDN teacher (frozen, distilled), PDN student (2 x 384 channels) and autoencoder; two maps, one score."""
 
     def __init__(
@@ -366,14 +367,6 @@ class EfficientAdModel(nn.Module):
             )
             self._sources["penalty_images"] = self._penalty.provenance()
         return self._penalty
-
-    def data_sources(self) -> dict[str, Any]:
-        """Provenance of the teacher, the penalty images and the map quantiles (JSON-ready; {} before fitting)."""
-        return dict(self._sources)
-
-    def restore_sources(self, record: dict[str, Any]) -> None:
-        """Set the provenance read back from a checkpoint."""
-        self._sources = {**dict(record), **self._sources}
 
     # ---- training ------------------------------------------------------------------------------
     def augment(self, images: Tensor, seeds: Sequence[int]) -> Tensor:

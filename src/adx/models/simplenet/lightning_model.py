@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 
 from adx.models.components.feature_cache import CacheMode
-from adx.models.components.optim import build, spec
+from adx.models.components.optim import spec
 from adx.models.simplenet.torch_model import SimpleNetModel
-from adx.models.trained import TrainedModule
+from adx.models.trained import SeededStepModule
 
 
-class SimpleNet(TrainedModule):
+class SimpleNet(SeededStepModule):
     """SimpleNet (arXiv 2303.15140); model arguments are SimpleNetModel's, with its defaults.
 
     Each training step draws fresh Gaussian noise from generators seeded by the model's ``seed``, the optimizer
@@ -46,24 +45,9 @@ class SimpleNet(TrainedModule):
         self.adaptor_lr = adaptor_lr
         self.model = SimpleNetModel(**kwargs)
 
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> Any:
         """One optimizer, two parameter groups: the adaptor (``adaptor_lr``) and the discriminator."""
         adaptor: dict[str, Any] = {"params": list(self.model.adaptor.parameters())}
         if self.adaptor_lr is not None:
             adaptor["lr"] = self.adaptor_lr
-        opt = build(self.optimizer_spec, [adaptor, {"params": list(self.model.discriminator.parameters())}])
-        if self.scheduler_spec is None:
-            return opt
-        scheduler = build(self.scheduler_spec, opt)
-        self._follow_trainer(scheduler)
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        batch = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
-        loss = super().training_step(batch, batch_idx)
-        for name, value in self.model.loss_terms.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
+        return [adaptor, {"params": list(self.model.discriminator.parameters())}]
