@@ -19,7 +19,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -445,20 +445,37 @@ SCRATCH_METHODS = (
     ("DRAEM", "draem"),
     ("DSR", "dsr"),
 )
-RECONSTRUCTION = Table(
-    columns=[
-        Col("model", "label"),
-        Col("category", "bench", "adx.run_config", _run_dataset),
-        Col("image size", "bench", "adx.run_config.data.init_args.image_size", image_size),
-        Col("epochs", "bench", "adx.run_config.trainer.max_epochs"),
-        *[c for c in QUALITY.columns if c.header not in ("model", "category", "image size")],
-    ],
-    rows=[
-        Row(label, {"bench": f"{stem}_{category}.json"})
-        for label, stem in SCRATCH_METHODS
-        for category in CATEGORIES
-    ],
+
+
+def family_table(
+    methods: Sequence[tuple[str, str]], measured: Mapping[str, Sequence[str]] | None = None
+) -> Table:
+    """One row per method and category: what a bench.py run of the method's offline config measured
+    (``measured``: the categories of a method measured so far, where not all of them)."""
+    return Table(
+        columns=[
+            Col("model", "label"),
+            Col("category", "bench", "adx.run_config", _run_dataset),
+            Col("image size", "bench", "adx.run_config.data.init_args.image_size", image_size),
+            Col("epochs", "bench", "adx.run_config.trainer.max_epochs"),
+            *[c for c in QUALITY.columns if c.header not in ("model", "category", "image size")],
+        ],
+        rows=[
+            Row(label, {"bench": f"{stem}_{category}.json"})
+            for label, stem in methods
+            for category in (measured or {}).get(stem, CATEGORIES)
+        ],
+    )
+
+
+RECONSTRUCTION = family_table(SCRATCH_METHODS)
+STUDENT_METHODS = (
+    ("STFPM", "stfpm"),
+    ("Reverse Distillation", "reversedistillation"),
+    ("SimpleNet", "simplenet"),
+    ("EfficientAD-S", "efficientad"),
 )
+STUDENT = family_table(STUDENT_METHODS, {"efficientad": ("screw", "juice_bottle")})
 
 
 def _adx_peer(path: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
@@ -516,6 +533,19 @@ SCRATCH_TRAIN_VS_PEER = Table(
     ],
 )
 
+STUDENT_VS_PEER = Table(
+    columns=[
+        *SCRATCH_VS_PEER.columns[:5],
+        Col("image AUROC adx / peer", "r", "", _adx_peer("metrics.image_AUROC", fixed(3))),
+        Col("pixel AUROC adx / peer", "r", "", _adx_peer("metrics.pixel_AUROC", fixed(3))),
+        SCRATCH_TRAIN_VS_PEER.columns[4],
+        Col("training ratio", "r", "ratios.train_throughput_ratio", ratio(2)),
+        Col("model ms/image adx / peer", "r", "", _adx_peer("latency.ms_per_image", fixed(1))),
+        Col("peak RSS adx / peer, MB", "r", "", _adx_peer("peak_rss_mb", whole)),
+    ],
+    rows=[Row("STFPM", {"r": f"stfpm_{category}.json"}) for category in ("screw",)],
+)
+
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
     "patchcore-vs-peer": PATCHCORE_VS_PEER,
@@ -533,6 +563,8 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction": RECONSTRUCTION,
     "reconstruction-vs-peer": SCRATCH_VS_PEER,
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
+    "student-teacher": STUDENT,
+    "student-teacher-vs-peer": STUDENT_VS_PEER,
 }
 
 
