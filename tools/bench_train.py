@@ -23,6 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 
@@ -105,7 +106,9 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
         cmd += ["--layers", *args.peer_layers]
     for kv in args.peer_set:
         cmd += ["--kw", kv]
-    subprocess.run(cmd, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    # the peer gets this process's thread count (its environment is otherwise cleared)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())
 
 
