@@ -28,7 +28,7 @@ import torch
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from peer_train import peer_run  # tools/ is on sys.path when run as a script
+from peer_train import offline_timm, peer_run  # tools/ is on sys.path when run as a script
 from train_timing import peak_rss_mb
 
 
@@ -46,26 +46,6 @@ def narrow_draem(reconstructive: int, discriminative: int) -> None:
         )
 
     draem.DraemModel.__init__ = init
-
-
-def offline_timm(weights: str) -> None:
-    """Make timm's (and the peer's feature extractor's) pretrained backbones load ``weights`` from disk."""
-    import timm
-    from anomalib.models.components.feature_extractors import timm as peer_timm
-
-    create = timm.create_model
-
-    def create_offline(name: str, pretrained: bool = False, **kw):  # noqa: ANN202, ANN003
-        kw.pop("pretrained_cfg", None)
-        model = create(name, pretrained=False, **kw)
-        if pretrained:
-            missing, _ = model.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
-            if [k for k in missing if "num_batches" not in k]:
-                raise RuntimeError(f"{weights} lacks {missing[:5]} for {name}")
-        return model
-
-    timm.create_model = create_offline
-    peer_timm.timm.create_model = create_offline
 
 
 def install_teacher(path: str) -> None:

@@ -56,19 +56,25 @@ def peer_run(
     return model, dm, timer, engine
 
 
-def random_weights_timm() -> None:
-    """timm (and the peer's feature extractor) build pretrained backbones with random weights, no download."""
+def offline_timm(weights: str | None = None) -> None:
+    """timm (and the peer's feature extractor) never download: pretrained backbones load ``weights`` (a timm
+    state dict) from disk, or get random weights when it is None."""
     import timm
     from anomalib.models.components.feature_extractors import timm as peer_timm
 
     create = timm.create_model
 
-    def create_random(name: str, pretrained: bool = False, **kw):  # noqa: ANN202, ANN003, ARG001
+    def create_offline(name: str, pretrained: bool = False, **kw):  # noqa: ANN202, ANN003
         kw.pop("pretrained_cfg", None)
-        return create(name, pretrained=False, **kw)
+        model = create(name, pretrained=False, **kw)
+        if pretrained and weights:
+            missing, _ = model.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+            if [k for k in missing if "num_batches" not in k]:
+                raise RuntimeError(f"{weights} lacks {missing[:5]} for {name}")
+        return model
 
-    timm.create_model = create_random
-    peer_timm.timm.create_model = create_random
+    timm.create_model = create_offline
+    peer_timm.timm.create_model = create_offline
 
 
 def main() -> None:
@@ -100,7 +106,7 @@ def main() -> None:
         args.model == "Stfpm"
     ):  # no pre_trained switch: its teacher is created pretrained, here with random weights
         del kwargs["pre_trained"]
-        random_weights_timm()
+        offline_timm()
     model, dm, timer, engine = peer_run(args, kwargs, "peer_train", limit_train_batches=args.batches)
     engine.fit(model=model, datamodule=dm)
     record = timer.record(
