@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from adx.data import (
     list_mvtec,
     make_synthetic,
 )
+from adx.models.components.input_size import input_sizes
 
 
 def _img(path: Path, size: tuple[int, int] = (32, 24), mode: str = "L", value: int = 128) -> Path:
@@ -369,6 +371,32 @@ def test_datamodule_loaders(synth_root: Path) -> None:
     test = next(iter(dm.test_dataloader()))
     assert len(test["path"]) == 9 and test["path"] == [s.image_path for s in dm.test_samples[:9]]
     assert dm.name == "synthetic" and dm.category == "demo"
+
+
+def test_held_out_normal_loader_prefers_normal_validation_images(synth_root: Path) -> None:
+    dm = _dm(synth_root, val_source="test_split", val_ratio=0.3, seed=3)
+    dm.setup("fit")
+    loader, what = dm.held_out_normal_dataloader()
+    paths = [p for batch in loader for p in batch["path"]]
+    assert what == "held-out normal images"
+    assert paths == [s.image_path for s in dm.val_samples if s.label == 0] and len(paths) == 3
+    dm = _dm(synth_root, val_source="none")
+    dm.setup("fit")
+    loader, what = dm.held_out_normal_dataloader()
+    assert what == "training images"
+    assert [p for batch in loader for p in batch["path"]] == [s.image_path for s in dm.train_samples]
+
+
+def test_input_sizes_name_every_size_and_its_flag() -> None:
+    grid = SimpleNamespace(tile=(64, 48))
+    assert input_sizes(SimpleNamespace(image_size=(128, 96), tiling=None)) == [
+        ((128, 96), "--data.image_size")
+    ]
+    tiled = SimpleNamespace(image_size=(256, 192), tiling=grid, train_on_tiles=True)
+    assert input_sizes(tiled) == [((64, 48), "--data.tile_size")]
+    tiled.train_on_tiles = False  # training sees whole images, inference the tiles
+    assert input_sizes(tiled) == [((64, 48), "--data.tile_size"), ((256, 192), "--data.image_size")]
+    assert input_sizes(SimpleNamespace(image_size=None, tiling=None)) == []
 
 
 def test_predict_path_without_dataset_root(tmp_path: Path, synth_root: Path) -> None:

@@ -408,6 +408,22 @@ class AnomalyDataModule(L.LightningDataModule):
             self.train_samples, self.eval_batch_size, shuffle=False, tiles=self.train_on_tiles
         )
 
+    def held_out_normal_dataloader(self) -> tuple[DataLoader, str]:
+        """(loader, what it holds) for calibrating on normal images the model did not train on.
+
+        The normal validation images (their tiles when tiling, as at test time) when the validation set has
+        any, else every training image; in order, on every process.
+        """
+        normal = [s for s in self.val_samples if s.label == 0]
+        tiles = self.tiling is not None
+        if normal:
+            return self._loader(
+                normal, self.eval_batch_size, shuffle=False, tiles=tiles
+            ), "held-out normal images"
+        return self._loader(
+            self.train_samples, self.eval_batch_size, shuffle=False, tiles=tiles
+        ), "training images"
+
     def val_dataloader(self) -> DataLoader | list[Any]:
         if not self.val_samples:
             return []

@@ -142,8 +142,6 @@ class TrainedModule(AnomalyModule):
             dm = self.trainer.datamodule
             if hasattr(dm, "reference_dataloader"):
                 self._reference_loader = dm.reference_dataloader()
-            elif dm is not None and hasattr(dm, "_loader"):
-                self._reference_loader = dm._loader(dm.train_samples, dm.eval_batch_size, shuffle=False)
             else:
                 self._reference_loader = self.trainer.train_dataloader
         for batch in self._reference_loader:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adx.models.components.input_size import input_sizes
 from adx.models.components.ssim import ssim_map
 
 STRIDE = 16
@@ -114,13 +115,8 @@ def check_input_size(size: tuple[int, int], bottleneck_kernel: int, what: str, f
 
 def check_datamodule_size(model: ReconstructionModel, datamodule: Any) -> None:
     """Before fitting: the data module's image size (its tile size when tiling) suits ``model``."""
-    grid = getattr(datamodule, "tiling", None)
-    if grid is not None:
-        size, what, flag = tuple(grid.tile), "--data.tile_size", "--data.tile_size"
-    else:
-        size, what, flag = getattr(datamodule, "image_size", None), "--data.image_size", "--data.image_size"
-    if size is not None:
-        check_input_size(tuple(size), model.bottleneck_kernel, what, flag)
+    for size, flag in input_sizes(datamodule):
+        check_input_size(size, model.bottleneck_kernel, flag, flag)
 
 
 def error_map(images: Tensor, recon: Tensor, metric: Metric, ssim_window: int = 11) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from adx.models.components.optim import spec
-from adx.models.draem.torch_model import MIN_SIZE, DraemModel
+from adx.models.draem.torch_model import DraemModel
 from adx.models.trained import SyntheticAnomalyModule
 
 
@@ -39,17 +39,5 @@ class Draem(SyntheticAnomalyModule):
         self.model = DraemModel(**kwargs)
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
-        dm = getattr(self.trainer, "datamodule", None)
-        grid = getattr(dm, "tiling", None)
-        size = (
-            grid.tile
-            if grid is not None and getattr(dm, "train_on_tiles", True)
-            else getattr(dm, "image_size", None)
-        )
-        if size is not None and min(size) < MIN_SIZE:
-            raise ValueError(
-                f"DRAEM needs images of at least {MIN_SIZE} x {MIN_SIZE} px (its U-Net halves them five times), "
-                f"got {tuple(size)}: raise --data.image_size (or --data.tile_size)"
-            )
+        super().on_fit_start()  # checks the image / tile size (DraemModel.check_datamodule)
         self.model.anomalies()  # resolve the texture source now: a bad folder fails before any training

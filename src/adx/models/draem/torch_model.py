@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adx.models.components.focal import focal_loss
+from adx.models.components.input_size import input_sizes
 from adx.models.components.precise_bn import recompute_batchnorm
 from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
@@ -248,6 +249,15 @@ class DraemModel(RecordsSources, nn.Module):
             return len(corrupted)
 
         recompute_batchnorm(self, batches, forward, "DRAEM")
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Before fitting: every image (or tile) side is at least MIN_SIZE px."""
+        for (h, w), flag in input_sizes(datamodule):
+            if min(h, w) < MIN_SIZE:
+                raise ValueError(
+                    f"DRAEM needs images of at least {MIN_SIZE} x {MIN_SIZE} px (its U-Net halves them five "
+                    f"times), got {h}x{w}: raise {flag}"
+                )
 
     def check_fitted(self) -> None:
         """Raise RuntimeError unless the networks were trained."""

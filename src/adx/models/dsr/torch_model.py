@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import adx
 from adx.models.components.focal import focal_loss
+from adx.models.components.input_size import input_sizes
 from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import NaturalImages
@@ -486,12 +487,8 @@ class DSRModel(RecordsSources, nn.Module):
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Before fitting: the data's image size (tile size when training on tiles) suits the networks."""
-        grid = getattr(datamodule, "tiling", None)
-        if grid is not None:  # inference runs on the tiles
-            check_size(tuple(grid.tile), "--data.tile_size")
-        if not (grid is not None and getattr(datamodule, "train_on_tiles", True)):
-            if getattr(datamodule, "image_size", None) is not None:
-                check_size(tuple(datamodule.image_size), "--data.image_size")
+        for size, flag in input_sizes(datamodule):
+            check_size(size, flag)
 
     def check_fitted(self) -> None:
         """Raise RuntimeError unless the networks were trained."""

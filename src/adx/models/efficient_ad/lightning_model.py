@@ -49,28 +49,17 @@ class EfficientAd(SyntheticAnomalyModule):
         self.model.penalty_source(tuple(grid.tile) if grid is not None else size)  # a bad folder fails now
         self.model.prepare_teacher(self.device)
         if not int(self.model.stats_ready):
-            self.model.fit_teacher_stats(self._images(self._loader(dm, held_out=False)[0]))
+            self.model.fit_teacher_stats(self._images(dm.reference_dataloader()))
 
     def fit_reference(self) -> None:
         """The maps' quantiles on held-out normal images, with the current weights (after each epoch)."""
-        loader, source = self._loader(self.trainer.datamodule, held_out=True)
+        loader, source = self.trainer.datamodule.held_out_normal_dataloader()
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             n = self.model.fit_map_quantiles(self._images(loader))
         self.model.train(was_training)
         self.model.record_quantiles({"source": source, "images": n, "epoch": int(self.current_epoch)})
-
-    @staticmethod
-    def _loader(dm: Any, held_out: bool) -> tuple[Any, str]:
-        """(loader, what it holds): the normal validation images (tiles when tiling) or the training images."""
-        normal = [s for s in getattr(dm, "val_samples", ()) if s.label == 0] if held_out else []
-        tiles = getattr(dm, "tiling", None) is not None
-        if normal:
-            return dm._loader(
-                normal, dm.eval_batch_size, shuffle=False, tiles=tiles
-            ), "held-out normal images"
-        return dm._loader(dm.train_samples, dm.eval_batch_size, shuffle=False, tiles=tiles), "training images"
 
     def _images(self, loader: Any) -> Iterator[Tensor]:
         for batch in loader:

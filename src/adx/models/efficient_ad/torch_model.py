@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adx.models.components.input_size import input_sizes
 from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds, mix, seeded
 from adx.models.components.sources import NaturalImages
@@ -417,11 +418,8 @@ class EfficientAdModel(RecordsSources, nn.Module):
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Before fitting: the image (or tile) sides are at least 64 px."""
-        grid = getattr(datamodule, "tiling", None)
-        if grid is not None:
-            check_size(tuple(grid.tile), "--data.tile_size")
-        elif getattr(datamodule, "image_size", None) is not None:
-            check_size(tuple(datamodule.image_size), "--data.image_size")
+        for size, flag in input_sizes(datamodule):
+            check_size(size, flag)
 
     def check_fitted(self) -> None:
         """Raise RuntimeError unless the student and autoencoder were trained."""
