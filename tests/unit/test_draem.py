@@ -285,3 +285,17 @@ def test_precise_bn_recomputes_the_statistics_from_one_pass() -> None:
     before = untouched.reconstructive.encoder.blocks[0][1].running_mean.clone()
     untouched.fit_reference(batches)
     assert torch.equal(untouched.reconstructive.encoder.blocks[0][1].running_mean, before)
+
+
+def test_evaluation_anomalies_do_not_depend_on_where_the_dataset_lies() -> None:
+    model = DraemModel(**SMALL)
+    images = _images(3, 32)
+    here = ["/tmp/pytest-7/contract0/demo/test/good/000.png", "/a/test/bad/001.png", "/a/train/good/000.png"]
+    moved = [p.replace("/tmp/pytest-7/contract0/demo", "/data/copy").replace("/a/", "/b/") for p in here]
+    seeds = model.anomaly_seeds({"image": images, "path": here})
+    assert seeds == model.anomaly_seeds({"image": images, "path": moved})
+    assert len(set(seeds)) == 3  # different images in the dataset, different anomalies
+    first, again = model.synthesize(images, seeds), model.synthesize(images, seeds)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    step = model.anomaly_seeds({"image": images, "path": here, "anomaly_step": 5})
+    assert not set(step) & set(seeds)  # training steps draw their own

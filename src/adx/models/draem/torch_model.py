@@ -21,16 +21,21 @@ MIN_SIZE = 32
 """Smallest image side: the discriminative U-Net halves the input five times."""
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    """Two 3x3 conv + BatchNorm + ReLU layers, cin -> cout channels, same size."""
+def _conv_pair(cin: int, mid: int, cout: int) -> nn.Sequential:
+    """3x3 conv cin -> mid, then 3x3 conv mid -> cout, each followed by BatchNorm + ReLU; same size."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
+        nn.Conv2d(cin, mid, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid),
         nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.Conv2d(mid, cout, 3, padding=1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU layers, cin -> cout -> cout channels, same size."""
+    return _conv_pair(cin, cout, cout)
 
 
 class _Up(nn.Module):
@@ -64,20 +69,21 @@ class _Encoder(nn.Module):
 
 
 class ReconstructiveNet(nn.Module):
-    """Encoder-decoder without skip connections (widths w, 2w, 4w, 8w, 8w): [B,C,H,W] -> [B,C,H,W].
+    """Encoder-decoder without skip connections: [B,C,H,W] -> [B,C,H,W].
 
-    With no skips every detail has to pass the 1/16-size bottleneck, so the network learns to redraw
-    normal appearance rather than copy its input (the paper's reconstructive sub-network).
+    Encoder widths w, 2w, 4w, 8w, 8w (2x2 max-pool between levels). Each decoder level upsamples, convolves
+    at the incoming width and narrows to the next level's width in its second conv: 8w -> 4w -> 2w -> w -> w
+    (the channel plan of the authors' code). With no skips every detail has to pass the 1/16-size
+    bottleneck, so the network learns to redraw normal appearance rather than copy its input.
     """
 
     def __init__(self, channels: int = 3, width: int = 128) -> None:
         super().__init__()
         widths = [width * m for m in (1, 2, 4, 8, 8)]
         self.encoder = _Encoder(channels, widths)
-        self.ups = nn.ModuleList(_Up(widths[i + 1], widths[i]) for i in reversed(range(len(widths) - 1)))
-        self.blocks = nn.ModuleList(
-            _conv_block(widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
-        )
+        levels = list(reversed(range(len(widths) - 1)))  # 3, 2, 1, 0
+        self.ups = nn.ModuleList(_Up(widths[i], widths[i]) for i in levels)
+        self.blocks = nn.ModuleList(_conv_pair(widths[i], widths[i], widths[max(i - 1, 0)]) for i in levels)
         self.out = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,16 +95,22 @@ class ReconstructiveNet(nn.Module):
 
 
 class DiscriminativeNet(nn.Module):
-    """U-Net (widths w, 2w, 4w, 8w, 8w, 8w, skip connections): [B,cin,H,W] -> logits [B,classes,H,W]."""
+    """U-Net with skip connections: [B,cin,H,W] -> logits [B,classes,H,W].
+
+    Encoder widths w, 2w, 4w, 8w, 8w, 8w. Going up, level j's upsampling conv narrows to the width of the
+    encoder level below it (8w, 4w, 2w, w, w from the bottom), then two convs fuse it with level j's skip
+    (the channel plan of the authors' code).
+    """
 
     def __init__(self, cin: int = 6, classes: int = 2, width: int = 64) -> None:
         super().__init__()
         widths = [width * m for m in (1, 2, 4, 8, 8, 8)]
         self.encoder = _Encoder(cin, widths)
-        self.ups = nn.ModuleList(_Up(widths[i + 1], widths[i]) for i in reversed(range(len(widths) - 1)))
-        self.blocks = nn.ModuleList(
-            _conv_block(2 * widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
-        )
+        levels = list(reversed(range(len(widths) - 1)))  # 4, 3, 2, 1, 0
+        outs = {j: widths[max(j - 1, 0)] for j in levels}
+        incoming = [widths[-1], *(outs[j] for j in levels[:-1])]
+        self.ups = nn.ModuleList(_Up(c, outs[j]) for c, j in zip(incoming, levels, strict=True))
+        self.blocks = nn.ModuleList(_conv_pair(outs[j] + widths[j], outs[j], outs[j]) for j in levels)
         self.out = nn.Conv2d(width, classes, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -201,8 +213,8 @@ class DraemModel(RecordsSources, nn.Module):
         """One generator seed per image of ``batch``.
 
         Training batches carry ``anomaly_step`` (the optimizer step, and ``anomaly_rank``): a fresh draw per
-        step and image. Other batches (validation loss) are seeded by each image's path, so every epoch
-        scores the same anomalies.
+        step and image. Other batches (validation loss, reference passes) are seeded by each image's place in
+        its dataset (``seeding.path_key``), so every epoch scores the same anomalies.
         """
         return batch_seeds(batch, ("draem", self.seed), ("draem-eval", self.seed))
 
