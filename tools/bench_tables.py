@@ -505,7 +505,6 @@ SCRATCH_VS_PEER = Table(
     ],
     rows=[
         Row("DRAEM", {"r": "draem_screw.json"}),
-        Row("DRAEM, the peer's lr 1e-4", {"r": "draem_lr1e-4_screw.json"}),
         Row("DRAEM", {"r": "draem_magnetic_tile.json"}),
         *[Row("GANomaly", {"r": f"ganomaly_{category}.json"}) for category in CATEGORIES],
     ],
