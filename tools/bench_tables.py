@@ -216,17 +216,22 @@ def _epochs(r: dict[str, Any]) -> str:
     return " / ".join(fixed(1)(s) for s in r["epoch_seconds"])
 
 
-TRAIN_CACHE_VS_PEER = Table(
-    columns=[
-        Col("method", "label"),
-        Col("adx epochs, s (1st fills the cache)", "r", "adx", _epochs),
-        Col("anomalib 2.7 epochs, s", "r", "peer", _epochs),
-        *TRAIN_PEER_COLUMNS,
-    ],
-    rows=[
-        Row("FastFlow", {"r": "fastflow_train_cache_vs_peer.json"}),
-        Row("CFlow", {"r": "cflow_train_cache_vs_peer.json"}),
-    ],
+def train_cache_table(rows: dict[str, str]) -> Table:
+    """Per-epoch seconds and images/s of tools/bench_train.py reports, adx (cached) against the peer, one row
+    per ``{label: report file}``."""
+    return Table(
+        columns=[
+            Col("method", "label"),
+            Col("adx epochs, s (1st fills the cache)", "r", "adx", _epochs),
+            Col("anomalib 2.7 epochs, s", "r", "peer", _epochs),
+            *TRAIN_PEER_COLUMNS,
+        ],
+        rows=[Row(label, {"r": file}) for label, file in rows.items()],
+    )
+
+
+TRAIN_CACHE_VS_PEER = train_cache_table(
+    {"FastFlow": "fastflow_train_cache_vs_peer.json", "CFlow": "cflow_train_cache_vs_peer.json"}
 )
 
 
@@ -545,6 +550,10 @@ STUDENT_VS_PEER = Table(
     rows=[Row("STFPM", {"r": f"stfpm_{category}.json"}) for category in ("screw",)],
 )
 
+STUDENT_TRAIN_VS_PEER = train_cache_table(
+    {"Reverse Distillation (WideResNet-50, 128 px, batch 16)": "reversedistillation_train_vs_peer.json"}
+)
+
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
     "patchcore-vs-peer": PATCHCORE_VS_PEER,
@@ -564,6 +573,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
+    "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,
 }
 
 
