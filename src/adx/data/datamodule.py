@@ -415,14 +415,10 @@ class AnomalyDataModule(L.LightningDataModule):
         any, else every training image; in order, on every process.
         """
         normal = [s for s in self.val_samples if s.label == 0]
-        tiles = self.tiling is not None
-        if normal:
-            return self._loader(
-                normal, self.eval_batch_size, shuffle=False, tiles=tiles
-            ), "held-out normal images"
-        return self._loader(
-            self.train_samples, self.eval_batch_size, shuffle=False, tiles=tiles
-        ), "training images"
+        samples, what = (
+            (normal, "held-out normal images") if normal else (self.train_samples, "training images")
+        )
+        return self._loader(samples, self.eval_batch_size, shuffle=False, tiles=self.tiling is not None), what
 
     def val_dataloader(self) -> DataLoader | list[Any]:
         if not self.val_samples:
