@@ -67,6 +67,15 @@ def latency(
     return {"batch": len(images), "ms_per_image": round(1000 * seconds / len(images), 2)}
 
 
+def has_seed_argument(model: type) -> bool:
+    """Whether ``model`` takes a ``seed`` argument (its own or its torch model's, as the CLI sees it)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(model, "model")
+    return "model.seed" in parser.get_defaults()
+
+
 def run_adx(args: argparse.Namespace, runs: Path) -> dict:
     config = Path(__file__).resolve().parents[1] / "configs" / args.model.lower() / "offline.yaml"
     common = [
@@ -82,6 +91,10 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         "false",
     ]
     overrides = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]
+    if args.seed is not None:  # the run's seed and, where the model has one, its weights' and anomalies' seed
+        overrides.append(f"--seed_everything={args.seed}")
+        if has_seed_argument(MODELS[args.model]):
+            overrides.append(f"--model.seed={args.seed}")
     timing = runs / "train_timing.json"
     if args.train_timing:  # per-epoch training time, measured by the code that times the peer
         timer = {"class_path": "train_timing.EpochTimer", "init_args": {"out": str(timing)}}
@@ -176,6 +189,7 @@ def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
         "--epochs",
         str(cfg["trainer"]["max_epochs"]),
         *[a for kv in args.peer_kw for a in ("--kw", kv)],
+        *(["--seed", str(args.seed)] if args.seed is not None else []),
     ]
     init = model.get("init_args", {})
     if args.model == "EfficientAd":  # the same teacher file, penalty images, steps and learning rate
@@ -244,17 +258,26 @@ def main() -> None:
         "--peer-after",
         help="an adx report of this script: run only the peer, with that run's settings, and add it",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed of both sides: adx's seed_everything and model seed, the from-scratch peer's --seed (default 0)",
+    )
     parser.add_argument("--runs", default="/tmp/adx_bench_runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.seed is not None and args.peer and args.model not in PEER_SCRATCH:
+        parser.error(f"--seed reaches the peer only for {', '.join(sorted(PEER_SCRATCH))} (peer_scratch.py)")
     if args.peer_after:  # the peer's side for an adx report written earlier (run apart, the same settings)
         record = json.loads(Path(args.peer_after).read_text())
         record["peer_command"] = " ".join(sys.argv) + " (the peer run apart from the adx run)"
+        record["peer_seed"] = args.seed
     else:
         runs = Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}"
         record = {
             "command": " ".join(sys.argv),
             "cpu_threads": torch.get_num_threads(),
+            "seed": 0 if args.seed is None else args.seed,
             "adx": run_adx(args, runs),
         }
     if args.peer:

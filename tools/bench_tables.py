@@ -551,7 +551,10 @@ STUDENT_VS_PEER = Table(
 )
 
 STUDENT_TRAIN_VS_PEER = train_cache_table(
-    {"Reverse Distillation (WideResNet-50, 128 px, batch 16)": "reversedistillation_train_vs_peer.json"}
+    {
+        "STFPM (lite0, 256 px, batch 32)": "stfpm_train_vs_peer.json",
+        "Reverse Distillation (WideResNet-50, 128 px, batch 16)": "reversedistillation_train_vs_peer.json",
+    }
 )
 
 TABLES: dict[str, Table | Transposed | Rendered] = {

@@ -182,7 +182,7 @@ def main() -> None:
     )
     dm.setup("fit")
     dm.setup("test")
-    train = torch.cat([b["image"] for b in dm._loader(dm.train_samples, 64, shuffle=False)])
+    train = torch.cat([b["image"] for b in dm.reference_dataloader()])
     test_batches = list(dm.test_dataloader())
     test = torch.cat([b["image"] for b in test_batches])
     labels = torch.cat([torch.as_tensor(b["label"]) for b in test_batches]).numpy()

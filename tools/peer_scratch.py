@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from peer_train import offline_timm, peer_run  # tools/ is on sys.path when run as a script
@@ -108,8 +109,9 @@ def main() -> None:
     parser.add_argument(
         "--kw", action="append", default=[], help="extra model argument key=value (YAML value)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (seed sweeps)")
     args = parser.parse_args()
-    torch.manual_seed(0)
+    seed_everything(args.seed)
     steps = [Resize((args.image_size, args.image_size))]
     if args.backbone:
         steps.append(Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))

@@ -409,6 +409,23 @@ def test_quantization_margins_cover_the_four_searches() -> None:
     assert all(float(v.min()) >= 0 for v in margins.values())
 
 
+def _report(flips: list[list[float]], map_diff: float) -> dict:
+    searches = [{"flipped": len(g), "relative_gaps_at_flips": g} for g in flips]
+    return {"size": [80, 96], "map_max_diff": map_diff, "searches": searches}
+
+
+def test_unexplained_accepts_near_tie_flips_and_what_follows_them_only() -> None:
+    from adx.models.dsr.code_flips import unexplained
+
+    near, wide = [1e-7], [3e-4]
+    assert (
+        unexplained([_report([[], near, [], wide * 5], 0.03)]) == []
+    )  # the traced case: a near-tie, then its wake
+    assert unexplained([_report([[], [], [], []], 2e-6)]) == []  # rounding only
+    assert "not near-ties" in unexplained([_report([[], wide, [], []], 0.03)])[0]
+    assert "no code flipped" in unexplained([_report([[], [], [], []], 0.03)])[0]
+
+
 def test_same_seed_same_weights() -> None:
     a, b, c = DSRModel(**SMALL, seed=1), DSRModel(**SMALL, seed=1), DSRModel(**SMALL, seed=2)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
