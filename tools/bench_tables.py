@@ -19,7 +19,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -452,11 +452,8 @@ SCRATCH_METHODS = (
 )
 
 
-def family_table(
-    methods: Sequence[tuple[str, str]], measured: Mapping[str, Sequence[str]] | None = None
-) -> Table:
-    """One row per method and category: what a bench.py run of the method's offline config measured
-    (``measured``: the categories of a method measured so far, where not all of them)."""
+def family_table(methods: Sequence[tuple[str, str]]) -> Table:
+    """One row per method and category: what a bench.py run of the method's offline config measured."""
     return Table(
         columns=[
             Col("model", "label"),
@@ -468,7 +465,7 @@ def family_table(
         rows=[
             Row(label, {"bench": f"{stem}_{category}.json"})
             for label, stem in methods
-            for category in (measured or {}).get(stem, CATEGORIES)
+            for category in CATEGORIES
         ],
     )
 
@@ -480,7 +477,7 @@ STUDENT_METHODS = (
     ("SimpleNet", "simplenet"),
     ("EfficientAD-S", "efficientad"),
 )
-STUDENT = family_table(STUDENT_METHODS, {"efficientad": ("screw", "juice_bottle")})
+STUDENT = family_table(STUDENT_METHODS)
 
 
 def _adx_peer(path: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
@@ -535,6 +532,43 @@ SCRATCH_TRAIN_VS_PEER = Table(
         Row("DRAEM (widths 16 / 8, 128 px, batch 8)", {"r": "draem_train_vs_peer.json"}),
         Row("GANomaly (width 64, 64 px, batch 16)", {"r": "ganomaly_train_vs_peer.json"}),
     ],
+)
+
+SEEDS = (0, 1, 2)
+SEED_SWEEPS = {  # (method, category): (the seed-0 side-by-side report, stem of the seed runs under seeds/)
+    ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw"),
+    ("GANomaly", "mvtec_ad/screw"): ("ganomaly_screw.json", "seeds/ganomaly_screw"),
+}
+
+
+def _seed_file(stem: str, side: str, seed: int) -> str:
+    """tools/bench.py --seed reports: adx's own run, and the peer's run (``--peer-after``) of each seed."""
+    return f"{stem}_{'peer_' if side == 'peer' else ''}s{seed}.json"
+
+
+def _seed_sweep(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "category", "side", "measure", *(f"seed {s}" for s in SEEDS), "mean"]
+    rows = []
+    for (method, category), (first, stem) in SEED_SWEEPS.items():
+        for side, name in (("adx", "adx"), ("peer", "anomalib 2.7")):
+            runs = [reports[first]] + [reports[_seed_file(stem, side, s)] for s in SEEDS[1:]]
+            for measure in ("image_AUROC", "pixel_AUROC"):
+                values = [run[side]["metrics"].get(measure) for run in runs]
+                if None in values:  # GANomaly's peer has no map
+                    continue
+                mean = sum(values) / len(values)
+                cells = [fixed(3)(v) for v in (*values, mean)]
+                rows.append([method, category, name, measure.replace("_", " "), *cells])
+    return header, rows
+
+
+SEED_SWEEP = Rendered(
+    files=[
+        f
+        for first, stem in SEED_SWEEPS.values()
+        for f in (first, *(_seed_file(stem, side, s) for s in SEEDS[1:] for side in ("adx", "peer")))
+    ],
+    build=_seed_sweep,
 )
 
 STUDENT_VS_PEER = Table(
