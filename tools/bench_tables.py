@@ -535,41 +535,49 @@ SCRATCH_TRAIN_VS_PEER = Table(
 )
 
 SEEDS = (0, 1, 2)
-SEED_SWEEPS = {  # (method, category): (the seed-0 side-by-side report, stem of the seed runs under seeds/)
-    ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw"),
-    ("GANomaly", "mvtec_ad/screw"): ("ganomaly_screw.json", "seeds/ganomaly_screw"),
+SEED_SWEEPS = {  # (method, category): the seed-0 side-by-side report, the stem of the seed runs, their seeds
+    ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw", {"adx": SEEDS, "peer": (0, 1)}),
+    ("GANomaly", "mvtec_ad/screw"): (
+        "ganomaly_screw.json",
+        "seeds/ganomaly_screw",
+        {"adx": SEEDS, "peer": SEEDS},
+    ),
 }
 
 
-def _seed_file(stem: str, side: str, seed: int) -> str:
-    """tools/bench.py --seed reports: adx's own run, and the peer's run (``--peer-after``) of each seed."""
-    return f"{stem}_{'peer_' if side == 'peer' else ''}s{seed}.json"
+def _seed_file(first: str, stem: str, side: str, seed: int) -> str:
+    """Seed 0: the side-by-side report; others: tools/bench.py --seed reports (the peer's with --peer-after)."""
+    return first if seed == 0 else f"{stem}_{'peer_' if side == 'peer' else ''}s{seed}.json"
 
 
 def _seed_sweep(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "category", "side", "measure", *(f"seed {s}" for s in SEEDS), "mean"]
     rows = []
-    for (method, category), (first, stem) in SEED_SWEEPS.items():
+    for (method, category), (first, stem, seeds) in SEED_SWEEPS.items():
         for side, name in (("adx", "adx"), ("peer", "anomalib 2.7")):
-            runs = [reports[first]] + [reports[_seed_file(stem, side, s)] for s in SEEDS[1:]]
+            runs = {s: reports[_seed_file(first, stem, side, s)] for s in seeds[side]}
             for measure in ("image_AUROC", "pixel_AUROC"):
-                values = [run[side]["metrics"].get(measure) for run in runs]
-                if None in values:  # GANomaly's peer has no map
+                values = {s: run[side]["metrics"].get(measure) for s, run in runs.items()}
+                if None in values.values():  # GANomaly's peer has no map
                     continue
-                mean = sum(values) / len(values)
-                cells = [fixed(3)(v) for v in (*values, mean)]
-                rows.append([method, category, name, measure.replace("_", " "), *cells])
+                mean = sum(values.values()) / len(values)
+                cells = [fixed(3)(values[s]) if s in values else "not run" for s in SEEDS]
+                rows.append([method, category, name, measure.replace("_", " "), *cells, fixed(3)(mean)])
     return header, rows
 
 
 SEED_SWEEP = Rendered(
-    files=[
-        f
-        for first, stem in SEED_SWEEPS.values()
-        for f in (first, *(_seed_file(stem, side, s) for s in SEEDS[1:] for side in ("adx", "peer")))
-    ],
+    files=sorted(
+        {
+            _seed_file(first, stem, side, s)
+            for first, stem, seeds in SEED_SWEEPS.values()
+            for side in ("adx", "peer")
+            for s in seeds[side]
+        }
+    ),
     build=_seed_sweep,
 )
+
 
 STUDENT_VS_PEER = Table(
     columns=[
@@ -608,6 +616,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction": RECONSTRUCTION,
     "reconstruction-vs-peer": SCRATCH_VS_PEER,
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
+    "reconstruction-seeds-vs-peer": SEED_SWEEP,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,
