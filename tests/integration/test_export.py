@@ -199,7 +199,7 @@ def test_export_parity_in_every_format(fitted, bundles: dict[str, Path]) -> None
     if name == "DSR":  # its map may differ only through codes that flipped at near-ties (CODE_FLIPS)
         from adx.models.dsr.code_flips import code_flips, unexplained
 
-        reports = code_flips(model, [torch.from_numpy(b) for b in batches])
+        reports = code_flips(model, [torch.from_numpy(b) for b in batches], bundles["onnx"] / "model.onnx")
         assert not unexplained(reports), unexplained(reports)
 
 

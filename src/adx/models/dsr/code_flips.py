@@ -22,20 +22,26 @@ from torch import Tensor
 from adx.models.dsr import vq
 
 
-def code_flips(model: Any, batches: list[Tensor]) -> list[dict[str, Any]]:
+def code_flips(
+    model: Any, batches: list[Tensor], graph_file: str | Path | None = None
+) -> list[dict[str, Any]]:
     """For each image batch [B,3,H,W] in [0,1]: the largest score and map differences between ONNX Runtime
     and torch, and per search (in graph order) how many indices differ and the relative gaps there.
 
-    ``model`` is a fitted :class:`adx.models.DSR`; it is exported to ONNX as ``adx export`` does.
+    ``model`` is a fitted :class:`adx.models.DSR`; ``graph_file`` the ``model.onnx`` that ``adx export``
+    wrote for it (None: it is exported here the same way).
     """
     import onnx
     import onnxruntime as ort
 
     from adx.export import ExportModule, export
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export(model, Path(tmp) / "onnx", "onnx")
-        graph = onnx.load(str(Path(tmp) / "onnx" / "model.onnx"))
+    if graph_file is not None:
+        graph = onnx.load(str(graph_file))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            export(model, Path(tmp) / "onnx", "onnx")
+            graph = onnx.load(str(Path(tmp) / "onnx" / "model.onnx"))
     searches = [node for node in graph.graph.node if node.op_type == "ArgMin"]
     for node in searches:
         graph.graph.output.append(
@@ -48,10 +54,7 @@ def code_flips(model: Any, batches: list[Tensor]) -> list[dict[str, Any]]:
 
     def recording(book: vq.Codebook, z: Tensor) -> Tensor:
         index = nearest(book, z)
-        two = book.distances(z).topk(2, dim=1, largest=False).values
-        e = book.vectors[index].permute(0, 3, 1, 2)
-        scale = (e * e).sum(1) + 2 * z.norm(dim=1) * e.norm(dim=1)
-        recorded.append((index, (two[:, 1] - two[:, 0]) / scale.clamp_min(1e-12)))
+        recorded.append((index, book.relative_gaps(z)))
         return index
 
     module = ExportModule(model.cpu().eval().inference_module()).eval()

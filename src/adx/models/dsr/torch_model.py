@@ -519,11 +519,7 @@ def quantization_margins(model: DSRModel, images: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
 
     def gap(book: Any, z: Tensor, name: str) -> None:
-        d = book.distances(z)
-        two = d.topk(2, dim=1, largest=False).values
-        e = book.vectors[d.argmin(1)].permute(0, 3, 1, 2)
-        scale = (e * e).sum(1) + 2 * z.norm(dim=1) * e.norm(dim=1)
-        out[name] = ((two[:, 1] - two[:, 0]) / scale.clamp_min(1e-12)).flatten()
+        out[name] = book.relative_gaps(z).flatten()
 
     f = model.vq.quantized(images)
     gap(model.vq.codebook_lo, f["z_lo"], "q_lo")

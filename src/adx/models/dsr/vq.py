@@ -65,6 +65,16 @@ class Codebook(nn.Module):
         """Index [B,h,w] of the nearest vector at every position of z [B,D,h,w] (argmin: traceable)."""
         return self.distances(z).argmin(dim=1)
 
+    def relative_gaps(self, z: Tensor) -> Tensor:
+        """[B,h,w]: the gap between the nearest and second-nearest distance at every position of z, relative
+        to the distances' scale there (|e|^2 + 2|z||e| of the nearest e); near float32 rounding (1e-7) is a
+        near-tie that another runtime's rounding could resolve the other way."""
+        d = self.distances(z)
+        two = d.topk(2, dim=1, largest=False).values
+        e = self.vectors[d.argmin(1)].permute(0, 3, 1, 2)
+        scale = (e * e).sum(1) + 2 * z.norm(dim=1) * e.norm(dim=1)
+        return (two[:, 1] - two[:, 0]) / scale.clamp_min(1e-12)
+
     def lookup(self, indices: Tensor) -> Tensor:
         """Codebook vectors [B,D,h,w] at ``indices`` [B,h,w] (exact copies of the rows)."""
         return F.embedding(indices, self.vectors).permute(0, 3, 1, 2)
