@@ -536,7 +536,7 @@ SCRATCH_TRAIN_VS_PEER = Table(
 
 SEEDS = (0, 1, 2)
 SEED_SWEEPS = {  # (method, category): the seed-0 side-by-side report, the stem of the seed runs, their seeds
-    ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw", {"adx": SEEDS, "peer": (0, 1)}),
+    ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw", {"adx": SEEDS, "peer": SEEDS}),
     ("GANomaly", "mvtec_ad/screw"): (
         "ganomaly_screw.json",
         "seeds/ganomaly_screw",
