@@ -15,6 +15,7 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
 import subprocess
@@ -130,7 +131,10 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         ]
     )
     test_cmd_s = time.perf_counter() - t0
-    report = json.loads(sorted(runs.rglob("metrics.json"))[-1].read_text())
+    metrics_file = sorted(runs.rglob("metrics.json"))[-1]
+    report = json.loads(metrics_file.read_text())
+    with (metrics_file.parent / "scores.csv").open(newline="") as f:  # the test's per-image scores
+        scores = {row["path"]: float(row["image_score"]) for row in csv.DictReader(f)}
     config = ckpt.parents[1] / "config.yaml"  # the fit's run folder (`adx test` writes a folder of its own)
     return {
         "run_config": yaml.safe_load(config.read_text()),
@@ -146,6 +150,7 @@ def run_adx(args: argparse.Namespace, runs: Path) -> dict:
         "metrics": report["metrics"],
         "weights": report["weights"],
         "sources": report.get("sources"),
+        "image_scores": scores,  # by image path, for tools/score_brightness.py
     }
 
 

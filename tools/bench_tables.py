@@ -579,6 +579,20 @@ SEED_SWEEP = Rendered(
 )
 
 
+def _score_brightness(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """tools/score_brightness.py's rows: how far each run's image ranking on screw follows brightness."""
+    header = ["run", "side", "image AUROC", "rho(score, brightness) all", "within good", "within defective"]
+    rows = [
+        [r["run"], "anomalib 2.7" if r["side"] == "anomalib" else r["side"]]
+        + [fixed(3)(r[k]) for k in ("image_AUROC", "rho_all", "rho_good", "rho_defective")]
+        for r in reports["screw_brightness.json"]["rows"]
+    ]
+    return header, rows
+
+
+SCORE_BRIGHTNESS = Rendered(files=["screw_brightness.json"], build=_score_brightness)
+
+
 STUDENT_VS_PEER = Table(
     columns=[
         *SCRATCH_VS_PEER.columns[:5],
@@ -617,6 +631,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction-vs-peer": SCRATCH_VS_PEER,
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
     "reconstruction-seeds-vs-peer": SEED_SWEEP,
+    "screw-brightness": SCORE_BRIGHTNESS,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,

@@ -8,9 +8,9 @@
 
 Fits the peer's model on the category's training images, then tests it on the test split, and records
 per-epoch training time (tools/train_timing.EpochTimer, the same code that times adx), fit and test wall
-time, peak RSS and the peer's own metrics. ``--widths R D`` narrows DRAEM's reconstructive and
-discriminative sub-networks (the peer hard-codes the paper's 128 / 64) so both sides train the same
-network on a CPU; ``--anomaly-source`` points its Perlin generator at the same texture files as adx's.
+time, peak RSS, the peer's own metrics and its raw score of every test image (``image_scores``).
+``--widths R D`` narrows DRAEM's reconstructive and discriminative sub-networks (the peer hard-codes the
+paper's 128 / 64) so both sides train the same network on a CPU; ``--anomaly-source`` points its Perlin generator at the same texture files as adx's.
 Methods with a pretrained network (STFPM's teacher) take ``--backbone``, ``--layers`` and ``--weights`` (a timm
 state dict, tools/export_timm_weights.py), loaded where the peer would download its weights; their inputs are
 normalised with ImageNet's statistics, the peer's default. Pure-model latency: the peer's torch model on one
@@ -81,6 +81,20 @@ def model_latency(model: torch.nn.Module, dm, repeats: int = 3) -> dict:  # noqa
             net(images)
         seconds = (time.perf_counter() - t0) / repeats
     return {"batch": len(images), "ms_per_image": round(1000 * seconds / len(images), 2)}
+
+
+def image_scores(model: torch.nn.Module, dm) -> dict[str, float]:  # noqa: ANN001
+    """The peer's raw image score of every test image, by file path: its torch model's ``pred_score`` in
+    eval mode, before the peer's post-processing (which min-max normalises and clips to [0, 1], tying many
+    scores), so that a run's ranking can be compared image by image (tools/score_brightness.py)."""
+    scores = {}
+    net = model.model.eval()
+    with torch.inference_mode():
+        for batch in dm.test_dataloader():
+            out = net(model.pre_processor.transform(batch.image))
+            for path, score in zip(batch.image_path, out.pred_score.flatten().tolist(), strict=True):
+                scores[str(path)] = float(score)
+    return scores
 
 
 def main() -> None:
@@ -166,6 +180,7 @@ def main() -> None:
         latency=model_latency(model, dm),
         peak_rss_mb=peak_rss_mb(),
         metrics={k: float(v) for k, v in results[0].items()},
+        image_scores=image_scores(model, dm),
     )
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

@@ -4,7 +4,8 @@ A bundle is a folder holding one graph and ``metadata.json``:
 
 - ``onnx``: ``model.onnx`` (opset 18, dynamo exporter), dynamic batch, height and width;
 - ``openvino``: ``model.xml`` + ``model.bin``, converted from that ONNX graph (so both runtimes run one
-  graph); ``fp16`` stores the weights in half precision (OpenVINO computes in float32 on CPU);
+  graph; exported from the same checkpoint after ``onnx`` in one process, the graph is reused, not traced
+  again); ``fp16`` stores the weights in half precision (OpenVINO computes in float32 on CPU);
 - ``torchscript``: ``model.pt`` from ``torch.jit.trace`` (height and width stay dynamic: the resize
   weights are computed from the input's shape).
 
@@ -21,6 +22,7 @@ backbone and its weights hash, adx version, the checkpoint's hash, and the outpu
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 import tempfile
@@ -139,6 +141,40 @@ def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     program.save(str(path), external_data=False)
 
 
+_LAST_ONNX: dict[str, bytes] = {}
+"""The ONNX graph this process exported last, under :func:`_graph_key` (one entry). The dynamo exporter takes
+tens of seconds even for a small model on a CPU; exporting one checkpoint to ONNX and then to OpenVINO (which
+converts that same graph) traces it once."""
+
+
+def _graph_key(module: torch.nn.Module, example: torch.Tensor, ckpt_path: str | Path | None) -> str | None:
+    """What determines the exported graph: the checkpoint file, the module's tensors, the example's shape, the
+    opset and torch's version; None (no reuse) for a model that does not come from a checkpoint file."""
+    if ckpt_path is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (sha256_file(ckpt_path), str(tuple(example.shape)), str(OPSET), torch.__version__):
+        digest.update(part.encode())
+    for name, value in module.state_dict().items():  # tensors, and extra states (plain values)
+        if not isinstance(value, torch.Tensor):
+            digest.update(f"{name}={value!r}".encode())
+            continue
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _onnx_once(module: torch.nn.Module, example: torch.Tensor, path: Path, key: str | None) -> None:
+    """:func:`_onnx`, or the bytes of the graph exported last when ``key`` is the same."""
+    if key is not None and key in _LAST_ONNX:
+        path.write_bytes(_LAST_ONNX[key])
+        return
+    _onnx(module, example, path)
+    if key is not None:
+        _LAST_ONNX.clear()
+        _LAST_ONNX[key] = path.read_bytes()
+
+
 def export(
     model: Any,
     out: str | Path,
@@ -172,14 +208,15 @@ def export(
     example = _example(model)
     out.mkdir(parents=True, exist_ok=True)
     graph = out / GRAPH_FILES[fmt]
+    key = _graph_key(module, example, ckpt_path) if fmt in ("onnx", "openvino") else None
     if fmt == "onnx":
-        _onnx(module, example, graph)
+        _onnx_once(module, example, graph, key)
     elif fmt == "openvino":
         import openvino as ov
 
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
-            _onnx(module, example, onnx_path)
+            _onnx_once(module, example, onnx_path, key)
             ov.save_model(ov.convert_model(str(onnx_path)), str(graph), compress_to_fp16=fp16)
     else:
         with warnings.catch_warnings(), torch.no_grad():

@@ -50,8 +50,10 @@ SMALL = {  # enough to fit in seconds; every registered model must have an entry
     "STFPM": ["--trainer.max_epochs", "2"],
     "ReverseDistillation": ["--trainer.max_epochs", "3"],
     "SimpleNet": ["--trainer.max_epochs", "2"],
-    "EfficientAd": [  # the demo config's teacher, distilled into a folder of the test's own
+    "EfficientAd": [  # a 2-step teacher (parity needs a fitted model, not a good one), in a folder of its own
         "--trainer.max_epochs",
+        "2",
+        "--model.teacher_steps",
         "2",
         "--model.teacher_cache",
         tempfile.mkdtemp(prefix="adx_export_teacher_"),
@@ -267,3 +269,32 @@ def test_export_and_bundle_errors(fitted, tmp_path: Path) -> None:
     bundle = export(model, tmp_path / "ts", "torchscript")
     with pytest.raises(BundleError, match="cannot run on onnxruntime"):
         Inferencer(bundle, runtime="onnxruntime")
+
+
+def test_one_checkpoint_is_traced_to_onnx_once(
+    fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX then OpenVINO of one checkpoint trace it once (the same graph); a changed tensor traces again."""
+    name, ckpt, _ = fitted
+    if name != "Padim":
+        pytest.skip("the reuse does not depend on the model")
+    import adx.export as exporting
+
+    traced: list[bytes] = []
+
+    def fake_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:  # no real tracing
+        traced.append(f"graph {len(traced)}".encode())
+        path.write_bytes(traced[-1])
+
+    monkeypatch.setattr(exporting, "_onnx", fake_onnx)
+    monkeypatch.setattr(exporting, "_LAST_ONNX", {})
+    model = load_model(ckpt)
+    export(model, tmp_path / "a", "onnx", ckpt_path=ckpt)
+    export(model, tmp_path / "b", "onnx", ckpt_path=ckpt)
+    assert len(traced) == 1 and (tmp_path / "b" / "model.onnx").read_bytes() == traced[0]
+    export(model, tmp_path / "c", "onnx")  # no checkpoint file: nothing says the model is the same
+    assert len(traced) == 2
+    with torch.no_grad():
+        next(t for t in model.model.state_dict().values() if t.is_floating_point()).add_(1.0)
+    export(model, tmp_path / "d", "onnx", ckpt_path=ckpt)
+    assert len(traced) == 3 and (tmp_path / "d" / "model.onnx").read_bytes() == traced[2]
