@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from anomalib.pre_processing import PreProcessor
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from peer_train import offline_timm, peer_run  # tools/ is on sys.path when run as a script
@@ -83,18 +83,32 @@ def model_latency(model: torch.nn.Module, dm, repeats: int = 3) -> dict:  # noqa
     return {"batch": len(images), "ms_per_image": round(1000 * seconds / len(images), 2)}
 
 
-def image_scores(model: torch.nn.Module, dm) -> dict[str, float]:  # noqa: ANN001
-    """The peer's raw image score of every test image, by file path: its torch model's ``pred_score`` in
-    eval mode, before the peer's post-processing (which min-max normalises and clips to [0, 1], tying many
-    scores), so that a run's ranking can be compared image by image (tools/score_brightness.py)."""
-    scores = {}
-    net = model.model.eval()
-    with torch.inference_mode():
-        for batch in dm.test_dataloader():
-            out = net(model.pre_processor.transform(batch.image))
-            for path, score in zip(batch.image_path, out.pred_score.flatten().tolist(), strict=True):
-                scores[str(path)] = float(score)
-    return scores
+class ImageScores(Callback):
+    """The peer's raw image score of every test image, by file path: its torch model's ``pred_score`` during
+    the peer's own test pass (a forward hook), before the post-processing that min-max normalises and clips
+    the scores to [0, 1] and ties many of them; so a run's ranking can be compared image by image
+    (tools/score_brightness.py)."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, float] = {}
+        self._paths: list[str] = []
+        self._hook = None
+
+    def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001, ARG002
+        self._hook = pl_module.model.register_forward_hook(self._record)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002
+        self._paths = [str(p) for p in batch.image_path]
+
+    def _record(self, module: torch.nn.Module, args: tuple, out) -> None:  # noqa: ANN001, ARG002
+        values = out.pred_score.detach().flatten().tolist() if hasattr(out, "pred_score") else []
+        if self._paths and len(values) == len(self._paths):
+            self.scores.update(zip(self._paths, map(float, values), strict=True))
+            self._paths = []
+
+    def on_test_end(self, trainer, pl_module) -> None:  # noqa: ANN001, ARG002
+        if self._hook is not None:
+            self._hook.remove()
 
 
 def main() -> None:
@@ -149,7 +163,8 @@ def main() -> None:
     engine_options = {}
     if args.limit_train_batches:
         engine_options["limit_train_batches"] = args.limit_train_batches
-    model, dm, timer, engine = peer_run(args, kwargs, "peer_scratch", **engine_options)
+    scores = ImageScores()
+    model, dm, timer, engine = peer_run(args, kwargs, "peer_scratch", [scores], **engine_options)
     t0 = time.perf_counter()
     engine.fit(model=model, datamodule=dm)
     fit_s = time.perf_counter() - t0
@@ -180,7 +195,7 @@ def main() -> None:
         latency=model_latency(model, dm),
         peak_rss_mb=peak_rss_mb(),
         metrics={k: float(v) for k, v in results[0].items()},
-        image_scores=image_scores(model, dm),
+        image_scores=scores.scores,
     )
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

@@ -27,7 +27,11 @@ from train_timing import EpochTimer, add_run_options  # tools/ is on sys.path wh
 
 
 def peer_run(
-    args: argparse.Namespace, kwargs: dict[str, Any], folder: str, **engine_options: Any
+    args: argparse.Namespace,
+    kwargs: dict[str, Any],
+    folder: str,
+    callbacks: list[Any] | None = None,
+    **engine_options: Any,
 ) -> tuple[Any, MVTecAD, EpochTimer, Engine]:
     """The peer's model (kwargs plus ``--kw``), its MVTec AD data module and an Engine timed by EpochTimer.
 
@@ -50,7 +54,7 @@ def peer_run(
         logger=False,
         max_epochs=args.epochs,
         limit_val_batches=1,
-        callbacks=[timer],
+        callbacks=[timer, *(callbacks or [])],
         **engine_options,
     )
     return model, dm, timer, engine
