@@ -603,7 +603,10 @@ STUDENT_VS_PEER = Table(
         Col("model ms/image adx / peer", "r", "", _adx_peer("latency.ms_per_image", fixed(1))),
         Col("peak RSS adx / peer, MB", "r", "", _adx_peer("peak_rss_mb", whole)),
     ],
-    rows=[Row("STFPM", {"r": f"stfpm_{category}.json"}) for category in ("screw",)],
+    rows=[
+        Row("STFPM", {"r": "stfpm_screw.json"}),
+        Row("EfficientAD-S (60 steps)", {"r": "efficientad_magnetic_tile.json"}),
+    ],
 )
 
 STUDENT_TRAIN_VS_PEER = train_cache_table(
