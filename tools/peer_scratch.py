@@ -10,7 +10,8 @@ Fits the peer's model on the category's training images, then tests it on the te
 per-epoch training time (tools/train_timing.EpochTimer, the same code that times adx), fit and test wall
 time, peak RSS, the peer's own metrics and its raw score of every test image (``image_scores``).
 ``--widths R D`` narrows DRAEM's reconstructive and discriminative sub-networks (the peer hard-codes the
-paper's 128 / 64) so both sides train the same network on a CPU; ``--anomaly-source`` points its Perlin generator at the same texture files as adx's.
+paper's 128 / 64) so both sides train the same network on a CPU; ``--anomaly-source`` points its Perlin
+generator at the same texture files as adx's.
 Methods with a pretrained network (STFPM's teacher) take ``--backbone``, ``--layers`` and ``--weights`` (a timm
 state dict, tools/export_timm_weights.py), loaded where the peer would download its weights; their inputs are
 normalised with ImageNet's statistics, the peer's default. Pure-model latency: the peer's torch model on one

@@ -1,14 +1,15 @@
 """How much of a run's image ranking is the test images' brightness: rank correlation and AUROC, per run.
 
-    python tools/score_brightness.py RUN [RUN ...] [--out docs/bench/score_brightness.json]
+    python tools/score_brightness.py RUN [RUN ...] [--out docs/bench/screw_brightness.json]
 
 RUN is one of: a JSON file with ``image_scores`` ({image path: score}; tools/peer_scratch.py writes it for
 the peer), tools/bench.py's record (``adx.image_scores`` and, side by side, ``peer.image_scores``: a row
 for each side), or adx's ``scores.csv`` (``path``, ``label``, ``image_score``; written by every
-``adx test``). ``LABEL=RUN`` names a run in the output. For each run and side: the image AUROC of its scores, the image AUROC of the images'
-mean brightness (grayscale, [0, 1]; tools/brightness_baseline.py) on the same images, and Spearman's rank
-correlation between score and brightness over all test images, over the good ones and over the defective
-ones. Labels come from the folder (``good`` = 0) when the file has none.
+``adx test``). ``LABEL=RUN`` names a run in the output. For each run and side: the image AUROC of its
+scores, the image AUROC of the images' mean brightness (grayscale, [0, 1]; tools/brightness_baseline.py)
+on the same images, and Spearman's rank correlation between score and brightness over all test images, over
+the good ones and over the defective ones. Labels come from the folder (``good`` = 0) when the file has
+none.
 
 On a category where brightness alone separates good from defective images (screw: 1.000), a score that
 follows brightness inside each group too (high rho within good and within defective) is ranking
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,10 +56,11 @@ def read_runs(path: Path) -> list[tuple[str, list[str], list[float], list[int | 
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Image AUROC of any real scores (torchmetrics would squash scores outside [0, 1] through a sigmoid, which
-    ties large ones: AUROC is a function of the ranks, so it gets those)."""
-    ranks = scores.double().argsort().argsort().double() / max(len(scores) - 1, 1)
-    return round(float(binary_auroc(ranks, labels)), 4)
+    """Image AUROC of any real scores, min-max scaled to [0, 1] first (an order-keeping map: torchmetrics would
+    squash scores outside [0, 1] through a sigmoid, which ties large ones)."""
+    s = scores.double()
+    span = (s.max() - s.min()).clamp_min(1e-300)
+    return round(float(binary_auroc((s - s.min()) / span, labels)), 4)
 
 
 def rho(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,7 +109,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows}, indent=1) + "\n"
+            json.dumps({"command": "python " + shlex.join(sys.argv), "rows": rows}, indent=1) + "\n"
         )
 
 
