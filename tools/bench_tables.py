@@ -508,6 +508,7 @@ SCRATCH_VS_PEER = Table(
     rows=[
         Row("DRAEM", {"r": "draem_screw.json"}),
         Row("DRAEM", {"r": "draem_magnetic_tile.json"}),
+        Row("DRAEM", {"r": "draem_juice_bottle.json"}),
         *[Row("GANomaly", {"r": f"ganomaly_{category}.json"}) for category in CATEGORIES],
     ],
 )
