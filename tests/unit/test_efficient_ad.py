@@ -135,6 +135,59 @@ def test_loss_terms_and_decrease_on_a_tiny_batch() -> None:
     assert not model.teacher.training
 
 
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_loss_computes_only_the_student_channels_it_reads(size: str) -> None:
+    """The loss runs the student's last layer for one half of its channels per part (the image and the penalty
+    image: the teacher's half; the autoencoder's image: the other): the same loss and gradients as slicing the
+    full student output, as the paper's losses are written."""
+    from adx.models.components.seeding import batch_seeds, mix
+    from adx.models.efficient_ad.torch_model import CHANNELS
+
+    model = _ready(model_size=size)
+    model.autoencoder.eval()  # no dropout: both computations see the same autoencoder output
+    batch = {"image": _images(2, 64, seed=4), "anomaly_step": 3, "anomaly_rank": 0}
+    model.loss(batch).backward()
+    split = [p.grad.clone() for p in model.student.parameters()]
+    model.zero_grad()
+    images, n = batch["image"], 2
+    seeds = batch_seeds(batch, ("efficientad", model.seed), ("efficientad-eval", model.seed))
+    parts = [
+        images,
+        model.augment(images, [mix("augment", s) for s in seeds]),
+        model.penalty_batch(images, [mix("penalty", s) for s in seeds]),
+    ]
+    x = model.prepare(torch.cat(parts))
+    t, s = model.teacher_features(x[: 2 * n]), model.student(x)
+    a = model.autoencoder(x[n : 2 * n], tuple(t.shape[-2:]))
+    full = (
+        hard_mean((t[:n] - s[:n, :CHANNELS]).pow(2), model.hard_quantile)
+        + (t[n:] - a).pow(2).mean()
+        + (a - s[n : 2 * n, CHANNELS:]).pow(2).mean()
+        + s[2 * n :, :CHANNELS].pow(2).mean()
+    )
+    full.backward()
+    for ours, reference in zip(split, (p.grad for p in model.student.parameters()), strict=True):
+        torch.testing.assert_close(ours, reference)
+    assert any(float(g.abs().max()) > 0 for g in split)
+
+
+def test_cached_teacher_maps_give_the_same_loss() -> None:
+    """With the frozen-feature cache the teacher's maps of the images come from the batch: same loss."""
+    model = _ready()
+    x = _images(2, 64, seed=5)
+    batch = {"image": x, "anomaly_step": 1, "anomaly_rank": 0}
+    torch.manual_seed(0)  # the autoencoder's dropout
+    plain = model.loss(batch)
+    (feats,) = model.frozen_features(x)
+    assert feats.shape == (2, 384, *model.teacher_features(model.prepare(x)).shape[-2:])
+    torch.manual_seed(0)
+    cached = model.loss({**batch, "features": [feats]})
+    torch.testing.assert_close(cached, plain)
+    torch.manual_seed(0)
+    wrong = model.loss({**batch, "features": [feats + 1.0]})
+    assert float(wrong) > float(plain) + 0.5  # the cached maps are what the loss reads
+
+
 def test_penalty_images_and_augmentation_are_seeded_by_step() -> None:
     model = _ready(penalty_weight=1.0)
     x = _images(2, 64)
@@ -257,7 +310,9 @@ def test_seed_alone_sets_the_weights_and_leaves_the_global_generator() -> None:
 
 # ---- a whole fit (bf16-mixed on the CPU) -------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_fit_in_bf16_records_teacher_and_quantiles(synthetic_root: Path, tmp_path: Path, cache: Path) -> None:
+def test_fit_in_bf16_records_teacher_and_quantiles(
+    synthetic_root: Path, tmp_path: Path, cache: Path, capfd: pytest.CaptureFixture
+) -> None:
     """Every stage of a fit under bf16 autocast: teacher statistics, a training step, validation, the map
     quantiles, test, checkpoint. One step of batch 1: a CPU without bf16 instructions runs the PDN's
     convolutions about 20 times slower in bf16 than in float32 (a 3-step epoch of batch 4 took 274 s in CI)."""
@@ -266,6 +321,7 @@ def test_fit_in_bf16_records_teacher_and_quantiles(synthetic_root: Path, tmp_pat
     trainer = small_trainer(tmp_path, max_epochs=1, precision="bf16-mixed", limit_train_batches=1)
     trainer.fit(model, datamodule=dm)
     assert int(model.model.trained_steps) == 1 and int(model.model.stats_ready) == 1
+    assert "frozen features cached in memory" in capfd.readouterr().err  # the teacher's maps of the images
     sources = model.model.data_sources()
     assert sources["map_quantiles"]["source"] == "held-out normal images"
     assert sources["map_quantiles"]["images"] == sum(s.label == 0 for s in dm.val_samples)

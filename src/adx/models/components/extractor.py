@@ -77,8 +77,10 @@ class Backbone(nn.Module):
             strides: output strides of the CNN maps returned, in order (not used with ``blocks``).
             weights: explicit weights file; otherwise resolved as in weights.py (docs/offline.md).
             pretrained: False uses random weights (tests only).
-            optimize: drop stages after the deepest requested map; frozen CNNs also fold BatchNorm into the
-                preceding convolutions (checked numerically, skipped if outputs change) and run channels-last.
+            optimize: drop stages after the deepest requested map and give TensorFlow-ported convolutions
+                ("SAME" padding, ``tf_*`` models) their padding without a padded copy of the input
+                (``StaticSameConv2d``); frozen CNNs also fold BatchNorm into the preceding convolutions
+                (checked numerically, skipped if outputs change); all run channels-last.
                 Outputs equal the plain network's up to float rounding.
             blocks: None: a CNN feature pyramid chosen by ``strides`` (a ViT is refused). Otherwise the
                 ViT blocks (0-based, negative from the end, returned in ascending order) whose patch tokens
@@ -173,6 +175,7 @@ class Backbone(nn.Module):
             self.model.prune_intermediate_layers(list(self.blocks), prune_norm=True, prune_head=True)
             return
         _drop_unused_stages(self.model)
+        _static_same_padding(self.model)
         if not self.trainable:
             fused = fold_batchnorm(self.model)
             if fused is not None:
@@ -236,6 +239,58 @@ def _drop_unused_stages(model: nn.Module) -> None:
     blocks = getattr(model, "blocks", None)
     if stage_idx and isinstance(blocks, nn.Sequential) and getattr(model, "feature_hooks", 1) is None:
         model.blocks = blocks[: max(stage_idx)]  # stage s is the output of blocks[s - 1]
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(before, after) zero padding of TensorFlow's "SAME" convolution along one side of ``size``."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class StaticSameConv2d(nn.Conv2d):
+    """A Conv2d with TensorFlow's "SAME" padding that does not copy its input into a padded tensor.
+
+    "SAME" pads one more zero after than before where the total is odd (a stride-2 convolution of an even
+    side). timm pads the input for that (a copy of the whole map, then the convolution); here the kernel
+    gets the extra zero row / column in front instead and the convolution pads symmetrically by the larger
+    amount: every output takes the same products of the same inputs plus products with zeros, so it equals
+    timm's to the last bit in float32 (tests/unit/test_extractor.py). A stride-2 layer of a training
+    EfficientNet-Lite0 step spent about 15 % of its time in those copies. Same parameters and state dict
+    keys as the layer it replaces; shapes are read per call, so any input size works.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        top, bottom = same_pads(int(x.shape[-2]), kh, sh, dh)
+        left, right = same_pads(int(x.shape[-1]), kw, sw, dw)
+        weight, extra_h, extra_w = self.weight, bottom - top, right - left
+        # a dilated kernel cannot shift by a fraction of its step: pad the input then
+        if extra_h % dh or extra_w % dw:
+            x = nn.functional.pad(x, (left, right, top, bottom))
+            return nn.functional.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        if extra_h or extra_w:
+            weight = nn.functional.pad(weight, (extra_w // dw, 0, extra_h // dh, 0))
+        padding = (bottom, right)
+        return nn.functional.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _static_same_padding(model: nn.Module) -> int:
+    """Replace timm's Conv2dSame layers by StaticSameConv2d (same parameters, in place); return how many."""
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # pragma: no cover - every supported timm has it
+        return 0
+    count = 0
+    for name, child in list(model.named_children()):
+        if type(child) is Conv2dSame:
+            static = StaticSameConv2d.__new__(StaticSameConv2d)
+            static.__dict__.update(child.__dict__)  # the same parameters, buffers and hooks
+            model._modules[name] = static
+            count += 1
+        else:
+            count += _static_same_padding(child)
+    return count
 
 
 def fold_batchnorm(model: nn.Module, probe_size: int = 64) -> nn.Module | None:

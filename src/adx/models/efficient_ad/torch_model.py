@@ -351,6 +351,11 @@ class EfficientAdModel(RecordsSources, nn.Module):
         self.teacher_std.copy_(std.view(1, -1, 1, 1).float())
         self.stats_ready.fill_(1)
 
+    def frozen_features(self, images: Tensor) -> list[Tensor]:
+        """Images [B,3,H,W] in [0,1] -> [the teacher's normalised maps]: what the frozen-feature cache keeps of
+        a training image (the teacher and its statistics are fixed before the first step)."""
+        return [self.teacher_features(self.prepare(images)).contiguous()]
+
     def teacher_features(self, x: Tensor) -> Tensor:
         """Prepared images [B,3,H,W] -> the teacher's normalised maps [B,384,h,w] (float32, no gradient)."""
         with torch.no_grad():
@@ -390,7 +395,8 @@ class EfficientAdModel(RecordsSources, nn.Module):
         """Hard-feature loss + penalty + autoencoder loss + student-autoencoder loss on ``batch["image"]``.
 
         The student sees the image, the autoencoder's (colour-jittered) image and the penalty image in one
-        forward pass. Training batches carry ``anomaly_step`` (the step seeds the penalty images and the
+        forward pass; the teacher's maps of the image come from ``batch["features"]`` (the frozen-feature
+        cache) when present. Training batches carry ``anomaly_step`` (the step seeds the penalty images and the
         augmentations); other batches are seeded by image path.
         """
         images = batch["image"]
@@ -401,16 +407,25 @@ class EfficientAdModel(RecordsSources, nn.Module):
         if self.penalty_weight > 0:
             parts.append(self.penalty_batch(images, [mix("penalty", s) for s in seeds]))
         x = self.prepare(torch.cat(parts))
-        teacher = self.teacher_features(x[: 2 * n])
-        student = self.student(x).float()
+        # the teacher's maps of the (unaugmented) images, from the frozen-feature cache
+        cached = batch.get("features")
+        if cached is None:
+            teacher = self.teacher_features(x[: 2 * n])
+        else:
+            teacher = torch.cat([cached[0].float(), self.teacher_features(x[n : 2 * n])])
+        # every loss reads one half of the student's channels: its last conv computes only that half per part
+        trunk = self.student[:-1](x)
+        first = torch.cat([trunk[:n], trunk[2 * n :]])  # the image (and the penalty image): channels < 384
+        student_first = _head(self.student[-1], first, slice(0, CHANNELS)).float()
+        student_second = _head(self.student[-1], trunk[n : 2 * n], slice(CHANNELS, None)).float()
         autoencoder = self.autoencoder(x[n : 2 * n], _size(teacher)).float()
-        hard = hard_mean((teacher[:n] - student[:n, :CHANNELS]).pow(2), self.hard_quantile)
+        hard = hard_mean((teacher[:n] - student_first[:n]).pow(2), self.hard_quantile)
         ae = (teacher[n:] - autoencoder).pow(2).mean()
-        stae = (autoencoder - student[n : 2 * n, CHANNELS:]).pow(2).mean()
+        stae = (autoencoder - student_second).pow(2).mean()
         total = hard + ae + stae
         terms = {"hard": hard, "autoencoder": ae, "student_autoencoder": stae}
         if self.penalty_weight > 0:
-            penalty = student[2 * n :, :CHANNELS].pow(2).mean()
+            penalty = student_first[n:].pow(2).mean()
             total = total + self.penalty_weight * penalty
             terms["penalty"] = penalty
         self.loss_terms = {k: v.detach() for k, v in terms.items()}
@@ -486,6 +501,15 @@ class EfficientAdModel(RecordsSources, nn.Module):
         )
         anomaly_map = (0.5 * (st + ae))[:, 0]
         return anomaly_map.flatten(1).amax(dim=1), anomaly_map
+
+
+def _head(conv: nn.Module, x: Tensor, channels: slice) -> Tensor:
+    """The output ``channels`` of the student's last layer (a Conv2d) on ``x``: the same numbers as slicing the
+    full output, at the cost of the channels kept (the last conv of the small PDN is its most expensive layer)."""
+    if not isinstance(conv, nn.Conv2d):
+        return conv(x)[:, channels]
+    bias = None if conv.bias is None else conv.bias[channels]
+    return F.conv2d(x, conv.weight[channels], bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _size(x: Tensor) -> tuple[int, int]:
