@@ -612,6 +612,19 @@ STUDENT_TRAIN_VS_PEER = train_cache_table(
     }
 )
 
+
+def _same_padding(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """tools/bench_same_padding.py's rows: timm's padded-copy layers against adx's StaticSameConv2d."""
+    header = ["what runs", "timm's padding, s", "adx's, s", "speed-up"]
+    rows = [
+        [r["case"], fixed(3)(r["timm_seconds"]), fixed(3)(r["adx_seconds"]), ratio(2)(r["speedup"])]
+        for r in reports["same_padding.json"]["rows"]
+    ]
+    return header, rows
+
+
+SAME_PADDING = Rendered(files=["same_padding.json"], build=_same_padding)
+
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
     "patchcore-vs-peer": PATCHCORE_VS_PEER,
@@ -634,6 +647,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,
+    "same-padding": SAME_PADDING,
 }
 
 
