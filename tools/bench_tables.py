@@ -539,6 +539,7 @@ SEEDS = (0, 1, 2)
 SEED_SWEEPS = {  # (method, category): (the seed-0 side-by-side report, the stem of the seed runs)
     ("DRAEM", "mvtec_ad/screw"): ("draem_screw.json", "seeds/draem_screw"),
     ("GANomaly", "mvtec_ad/screw"): ("ganomaly_screw.json", "seeds/ganomaly_screw"),
+    ("DRAEM", "mvtec_loco/juice_bottle"): ("draem_juice_bottle.json", "seeds/draem_juice_bottle"),
 }
 
 
