@@ -27,21 +27,13 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from adx.models.components.backbone import Backbone
-from adx.models.components.extractor import StaticSameConv2d
+from adx.models.components.extractor import StaticSameConv2d, swap_layer_class
 
 
 def with_timm_padding(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose StaticSameConv2d layers are timm's Conv2dSame again (same parameters)."""
     model = copy.deepcopy(model)
-    count = 0
-    for module in model.modules():
-        for name, child in list(module.named_children()):
-            if type(child) is StaticSameConv2d:
-                padded = Conv2dSame.__new__(Conv2dSame)
-                padded.__dict__.update(child.__dict__)
-                module._modules[name] = padded
-                count += 1
-    return model, count
+    return model, swap_layer_class(model, StaticSameConv2d, Conv2dSame)
 
 
 def _timed(fn: Callable[[], None]) -> float:
