@@ -117,6 +117,34 @@ def test_seeded_anomalies_reproduce() -> None:
     assert forward == backward[::-1]
 
 
+def test_relighting_scales_each_image_and_leaves_the_anomalies_alone() -> None:
+    images = _images(6, 32) * 0.5  # no clipping at 1.5x
+    batch = {"image": images, "anomaly_step": 3, "anomaly_rank": 0}
+    plain = DraemModel(**SMALL, p_anomaly=1.0)
+    assert plain.relight(batch) is images, "brightness 0 passes the images through"
+    lit = DraemModel(**SMALL, p_anomaly=1.0, brightness=0.2)
+    relit = lit.relight(batch)
+    factors = (relit / images).flatten(1)
+    torch.testing.assert_close(factors.amin(1), factors.amax(1))  # one factor per image
+    f = factors[:, 0]
+    assert float(f.min()) >= 0.8 - 1e-6 and float(f.max()) <= 1.2 + 1e-6
+    assert len(set(f.tolist())) == 6 and torch.equal(lit.relight(batch), relit), "per image, seeded"
+    assert not torch.equal(lit.relight({**batch, "anomaly_step": 4}), relit), "a new draw each step"
+    # the same anomaly masks as without relighting: the factors come from generators of their own
+    seeds = plain.anomaly_seeds(batch)
+    assert seeds == lit.anomaly_seeds(batch)
+    assert torch.equal(plain.synthesize(images, seeds)[1], lit.synthesize(relit, seeds)[1])
+
+    # the relit image is the reconstruction target: a network returning it has zero L2
+    class Oracle(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return relit
+
+    lit.reconstructive = Oracle()
+    lit.loss(batch)
+    assert float(lit.loss_terms["l2"]) == 0.0
+
+
 def test_loss_terms_and_validation_loss_repeat() -> None:
     model = DraemModel(**SMALL).eval()
     batch = {"image": _images(4, 32), "path": ["a", "b", "c", "d"]}
@@ -210,6 +238,8 @@ def test_fraction_step_schedule() -> None:
         ({"focal_gamma": -2.0}, "focal_gamma"),
         ({"smoothing": 4}, "smoothing"),
         ({"smoothing": 0}, "smoothing"),
+        ({"brightness": 1.0}, "brightness"),
+        ({"brightness": -0.1}, "brightness"),
     ],
 )
 def test_bad_hyperparameters_are_named(kwargs: dict, name: str) -> None:

@@ -79,6 +79,21 @@ def test_decoder_stages_end_linearly_for_signed_teacher_maps() -> None:
     assert any(float(s.min()) < 0 for s in model.student(feats))
 
 
+def test_embedding_width_narrows_only_the_embedding_blocks() -> None:
+    """Half the embedding's channels inside its blocks by default (authors' code), or what is asked."""
+
+    def inner(model: ReverseDistillationModel) -> list[int]:
+        return [block.branch[0].out_channels for block in model.bottleneck.embed]
+
+    wide, narrow = _model(oce_blocks=2), _model(oce_blocks=2, embedding_width=56)
+    assert inner(wide) == [112, 112] and inner(narrow) == [56, 56]
+    assert [m.weight.shape for m in wide.decoder.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        m.weight.shape for m in narrow.decoder.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    feats = narrow.frozen_features(_images(1, 64))
+    assert narrow.bottleneck(feats).shape == wide.bottleneck(feats).shape
+
+
 def test_upsampling_block_shapes() -> None:
     up, down = Bottleneck(8, 4, factor=4, up=True), Bottleneck(8, 16, factor=2)
     assert up(torch.rand(1, 8, 3, 5)).shape == (1, 4, 12, 20)
@@ -168,6 +183,7 @@ def test_inference_is_deterministic_and_traces() -> None:
         ({"decoder_blocks": (1, 0, 1)}, "decoder_blocks"),
         ({"decoder_blocks": (1, 1)}, "decoder_blocks"),
         ({"embedding_channels": 0}, "embedding_channels"),
+        ({"embedding_width": 0}, "embedding_width"),
         ({"loss_mode": "flat"}, "loss_mode"),
         ({"map_mode": "max"}, "map_mode"),
         ({"sigma": -1.0}, "sigma"),

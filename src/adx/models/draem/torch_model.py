@@ -15,6 +15,7 @@ from adx.models.components.precise_bn import recompute_batchnorm
 from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import PerlinAnomaly
+from adx.models.components.sources.noise import uniform
 from adx.models.components.ssim import ssim
 
 MIN_SIZE = 32
@@ -132,6 +133,7 @@ class DraemModel(RecordsSources, nn.Module):
         p_anomaly: float = 0.5,
         opacity: tuple[float, float] = (0.2, 1.0),
         grey_textures: bool = False,
+        brightness: float = 0.0,
         ssim_weight: float = 1.0,
         focal_gamma: float = 2.0,
         smoothing: int = 21,
@@ -151,6 +153,10 @@ class DraemModel(RecordsSources, nn.Module):
             opacity: range of the texture's blending factor (DRAEM's 1 - beta, beta in [0, 0.8]).
             grey_textures: fill anomalies of grey images (three equal channels) with grey textures (not in
                 the paper, which pastes colour textures into every image).
+            brightness: scale each normal training image by a factor drawn from [1 - brightness,
+                1 + brightness] before its anomaly is pasted; the scaled image is also the reconstruction
+                target (not in the paper: 0). Teaches both networks that a global change of lighting is
+                normal, as between a line's training and inspection days.
             ssim_weight: weight of the SSIM term in the reconstruction loss L2 + w (1 - SSIM) (paper: 1).
             focal_gamma: focusing exponent of the segmentation's focal loss (paper: 2).
             smoothing: side of the mean filter over the anomaly map before the image score (max) is taken
@@ -175,6 +181,8 @@ class DraemModel(RecordsSources, nn.Module):
                 f"opacity must be [low, high] with 0 <= low <= high <= 1, got {list(opacity)}: "
                 "e.g. --model.opacity [0.2,1.0]"
             )
+        if not 0.0 <= brightness < 1.0:
+            raise ValueError(f"brightness must be in [0, 1), got {brightness!r}: e.g. --model.brightness 0.2")
         if not ssim_weight >= 0:
             raise ValueError(f"ssim_weight must be >= 0, got {ssim_weight}: e.g. --model.ssim_weight 1.0")
         if not focal_gamma >= 0:
@@ -187,7 +195,7 @@ class DraemModel(RecordsSources, nn.Module):
             )
         self.anomaly_source = anomaly_source or None
         self.p_anomaly, self.opacity = float(p_anomaly), (float(opacity[0]), float(opacity[1]))
-        self.grey_textures = grey_textures
+        self.grey_textures, self.brightness = grey_textures, float(brightness)
         self.ssim_weight, self.focal_gamma = ssim_weight, focal_gamma
         self.smoothing, self.precise_bn, self.seed = smoothing, precise_bn, seed
         with torch.random.fork_rng(devices=[]):
@@ -218,6 +226,24 @@ class DraemModel(RecordsSources, nn.Module):
         """
         return batch_seeds(batch, ("draem", self.seed), ("draem-eval", self.seed))
 
+    def relight(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's images [B,3,H,W], each scaled by its own factor in [1 - brightness, 1 + brightness].
+
+        Factors are drawn from generators seeded apart from the anomalies' (``batch_seeds`` with their own
+        keys), so switching ``brightness`` on changes no anomaly; with ``brightness`` 0 the images pass
+        through unchanged.
+        """
+        images = batch["image"]
+        if self.brightness == 0.0:
+            return images
+        seeds = batch_seeds(batch, ("draem-light", self.seed), ("draem-light-eval", self.seed))
+        factors = [
+            uniform(1.0 - self.brightness, 1.0 + self.brightness, torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+        scale = torch.tensor(factors, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+        return (images * scale).clamp(0.0, 1.0)
+
     def synthesize(self, images: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Images [B,3,H,W] in [0,1] -> corrupted images [B,3,H,W] and their anomaly masks [B,1,H,W] in {0,1}."""
         if len(seeds) != len(images):
@@ -235,7 +261,7 @@ class DraemModel(RecordsSources, nn.Module):
     # ---- training ----------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> Tensor:
         """L2 + ssim_weight (1 - SSIM) of the reconstruction of corrupted images + focal loss of the mask."""
-        images = batch["image"]
+        images = self.relight(batch)
         corrupted, masks = self.synthesize(images, self.anomaly_seeds(batch))
         recon = self.reconstructive(corrupted)
         logits = self.discriminative(torch.cat([corrupted, recon], dim=1))
@@ -256,7 +282,7 @@ class DraemModel(RecordsSources, nn.Module):
             return
 
         def forward(batch: dict[str, Any]) -> int:
-            corrupted, _ = self.synthesize(batch["image"], self.anomaly_seeds(batch))
+            corrupted, _ = self.synthesize(self.relight(batch), self.anomaly_seeds(batch))
             self.discriminative(torch.cat([corrupted, self.reconstructive(corrupted)], dim=1))
             return len(corrupted)
 

@@ -34,18 +34,24 @@ def _bn_relu(channels: int) -> list[nn.Module]:
 class Bottleneck(nn.Module):
     """ResNet bottleneck block [B,in,h,w] -> [B,out,h*f,w*f] (``up``) or [B,out,h/f,w/f], f = ``factor``.
 
-    1x1 reduce to ``out // 2`` channels (the wide ResNet's width), then a 3x3 conv with stride ``factor``
+    1x1 reduce to ``width`` channels (default ``out // 2``, the wide ResNet's), then a 3x3 conv with stride ``factor``
     (down) or a ``factor`` x ``factor`` transposed conv with stride ``factor`` (up), then 1x1 expand; the
     shortcut is projected (1x1 strided conv or transposed conv, with BatchNorm) when the shape changes.
     The sum goes through a ReLU unless ``activate`` is False (a linear output).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, factor: int = 1, up: bool = False, activate: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        factor: int = 1,
+        up: bool = False,
+        activate: bool = True,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         self.activate = activate
-        width = max(1, out_channels // 2)
+        width = width or max(1, out_channels // 2)
         if factor > 1 and up:
             middle: nn.Module = nn.ConvTranspose2d(width, width, factor, stride=factor, bias=False)
         else:
@@ -84,11 +90,17 @@ class OneClassBottleneck(nn.Module):
 
     MFF: each shallower map goes down to the deepest stride by 3x3 stride-2 convs (BatchNorm, ReLU), each
     step taking the channel count of the teacher's next deeper map; the results are concatenated with the
-    deepest map. OCE: ``blocks`` bottleneck blocks, the first with stride 2, to ``embedding_channels``.
+    deepest map. OCE: ``blocks`` bottleneck blocks, the first with stride 2, to ``embedding_channels``,
+    each ``width`` channels wide inside (None: half of ``embedding_channels``).
     """
 
     def __init__(
-        self, channels: Sequence[int], strides: Sequence[int], embedding_channels: int, blocks: int
+        self,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        embedding_channels: int,
+        blocks: int,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         self.fuse = nn.ModuleList()
@@ -102,8 +114,8 @@ class OneClassBottleneck(nn.Module):
             self.fuse.append(nn.Sequential(*steps))
         fused = channels[-1] * len(channels)
         self.embed = nn.Sequential(
-            Bottleneck(fused, embedding_channels, factor=2),
-            *(Bottleneck(embedding_channels, embedding_channels) for _ in range(blocks - 1)),
+            Bottleneck(fused, embedding_channels, factor=2, width=width),
+            *(Bottleneck(embedding_channels, embedding_channels, width=width) for _ in range(blocks - 1)),
         )
 
     def forward(self, feats: list[Tensor]) -> Tensor:
@@ -167,6 +179,7 @@ class ReverseDistillationModel(nn.Module):
         pretrained: bool = True,
         normalization: str = "backbone",
         embedding_channels: int | None = None,
+        embedding_width: int | None = None,
         oce_blocks: int = 3,
         decoder_blocks: Sequence[int] = (6, 4, 3),
         linear_output: bool = True,
@@ -187,6 +200,9 @@ class ReverseDistillationModel(nn.Module):
                 ``none`` or ``m1,m2,m3/s1,s2,s3`` (see docs/normalization.md).
             embedding_channels: channels of the one-class embedding at twice the deepest stride; None: twice
                 the deepest teacher map's (paper: 2048 for WideResNet-50's 1024).
+            embedding_width: channels inside each bottleneck block of the one-class embedding (after its 1x1
+                reduction); None: half of ``embedding_channels`` (the authors' WideResNet-50 code: 1024).
+                anomalib 2.7 builds a quarter (512 for WideResNet-50), which trains faster.
             oce_blocks: bottleneck blocks of the one-class embedding stage (paper: 3).
             decoder_blocks: bottleneck blocks of the decoder stage that restores each teacher map, in the order
                 of ``strides`` (the authors' WideResNet-50 decoder: 6, 4, 3 blocks at strides 4, 8, 16).
@@ -205,6 +221,8 @@ class ReverseDistillationModel(nn.Module):
         super().__init__()
         if embedding_channels is not None:
             _check_positive("embedding_channels", embedding_channels, "2048")
+        if embedding_width is not None:
+            _check_positive("embedding_width", embedding_width, "1024")
         _check_positive("oce_blocks", oce_blocks, "3")
         if isinstance(decoder_blocks, int | str) or not decoder_blocks:
             raise ValueError(
@@ -243,7 +261,9 @@ class ReverseDistillationModel(nn.Module):
         self.embedding_channels = int(embedding_channels or 2 * channels[-1])
         self.loss_mode, self.map_mode, self.sigma = loss_mode, map_mode, float(sigma)
         with seeded(seed):
-            self.bottleneck = OneClassBottleneck(channels, strides, self.embedding_channels, oce_blocks)
+            self.bottleneck = OneClassBottleneck(
+                channels, strides, self.embedding_channels, oce_blocks, embedding_width
+            )
             self.decoder = StudentDecoder(
                 channels, strides, self.embedding_channels, list(decoder_blocks), linear_output
             )
