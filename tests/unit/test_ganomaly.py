@@ -236,6 +236,7 @@ def test_input_sizes_are_checked_before_any_work() -> None:
         ({"latent_distance": "cosine"}, "latent_distance"),
         ({"map_sigma": -1.0}, "map_sigma"),
         ({"d_reinit_below": -1.0}, "d_reinit_below"),
+        ({"brightness": 1.5}, "brightness"),
         ({"input_size": (32, 32, 32)}, "input_size"),
     ],
 )
@@ -289,6 +290,32 @@ def test_fit_test_and_checkpoint_round_trip(precision: str, synthetic_root: Path
     with torch.no_grad():
         for a, b in zip(module.model(batch["image"]), restored.model(batch["image"]), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_training_steps_see_relit_images(synthetic_root: Path, tmp_path: Path) -> None:
+    module = GANomaly(**SMALL, brightness=0.3)
+    assert GANomaly(**SMALL).model.brightness == 0.0, "the paper's setting by default"
+    seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    relight, train_step = module.model.relight, module.model.train_step
+
+    def record_relight(batch: dict) -> torch.Tensor:
+        out = relight(batch)
+        seen.append((batch["image"], out, batch["anomaly_step"]))
+        return out
+
+    def record_step(images: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        assert images is seen[-1][1], "the generator and discriminator train on the relit images"
+        return train_step(images, *args, **kwargs)
+
+    module.model.relight, module.model.train_step = record_relight, record_step
+    small_trainer(tmp_path, writer=False).fit(
+        module, datamodule=small_datamodule(synthetic_root, image_size=32)
+    )
+    assert len(seen) == 3 and len({step for *_, step in seen}) == 3, "a fresh draw every step"
+    for raw, lit, _ in seen:
+        inside = (raw > 0.05) & (raw < 0.7)  # neither clipped nor too dark to divide
+        ratios = [float((lit[i][inside[i]] / raw[i][inside[i]]).median()) for i in range(len(raw))]
+        assert all(0.7 - 1e-4 <= r <= 1.3 + 1e-4 for r in ratios) and max(abs(r - 1) for r in ratios) > 1e-3
 
 
 def test_dcgan_init_statistics() -> None:

@@ -15,7 +15,7 @@ from adx.models.components.precise_bn import recompute_batchnorm
 from adx.models.components.provenance import RecordsSources
 from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources import PerlinAnomaly
-from adx.models.components.sources.noise import uniform
+from adx.models.components.sources.augment import relight
 from adx.models.components.ssim import ssim
 
 MIN_SIZE = 32
@@ -229,20 +229,11 @@ class DraemModel(RecordsSources, nn.Module):
     def relight(self, batch: dict[str, Any]) -> Tensor:
         """The batch's images [B,3,H,W], each scaled by its own factor in [1 - brightness, 1 + brightness].
 
-        Factors are drawn from generators seeded apart from the anomalies' (``batch_seeds`` with their own
-        keys), so switching ``brightness`` on changes no anomaly; with ``brightness`` 0 the images pass
-        through unchanged.
+        Factors are drawn from generators seeded apart from the anomalies' (``sources.augment.relight`` with
+        keys of their own), so switching ``brightness`` on changes no anomaly; with ``brightness`` 0 the
+        images pass through unchanged.
         """
-        images = batch["image"]
-        if self.brightness == 0.0:
-            return images
-        seeds = batch_seeds(batch, ("draem-light", self.seed), ("draem-light-eval", self.seed))
-        factors = [
-            uniform(1.0 - self.brightness, 1.0 + self.brightness, torch.Generator().manual_seed(s))
-            for s in seeds
-        ]
-        scale = torch.tensor(factors, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
-        return (images * scale).clamp(0.0, 1.0)
+        return relight(batch, self.brightness, ("draem-light", self.seed), ("draem-light-eval", self.seed))
 
     def synthesize(self, images: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Images [B,3,H,W] in [0,1] -> corrupted images [B,3,H,W] and their anomaly masks [B,1,H,W] in {0,1}."""

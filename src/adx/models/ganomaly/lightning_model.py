@@ -90,8 +90,9 @@ class GANomaly(TrainedModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         opt_g, opt_d = self.optimizers()
+        step = {**batch, "anomaly_step": self.global_step, "anomaly_rank": self.global_rank}
         g_loss, d_loss = self.model.train_step(
-            batch["image"], opt_g, opt_d, self.manual_backward, self._checked
+            self.model.relight(step), opt_g, opt_d, self.manual_backward, self._checked
         )
         n = len(batch["image"])
         self.log("train/loss", g_loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)

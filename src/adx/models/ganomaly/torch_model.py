@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from adx.models.components.autoencoder import InputSizeError
 from adx.models.components.maps import gaussian_smooth
 from adx.models.components.precise_bn import recompute_batchnorm
+from adx.models.components.sources.augment import relight
 
 Score = Literal["latent", "contextual", "contextual_mean"]
 LatentDistance = Literal["l1", "l2"]
@@ -170,6 +171,7 @@ class GANomalyModel(nn.Module):
         map_sigma: float = 4.0,
         d_reinit_below: float = 1e-5,
         precise_bn: bool = False,
+        brightness: float = 0.0,
         seed: int = 0,
     ) -> None:
         """GANomaly.
@@ -194,7 +196,10 @@ class GANomalyModel(nn.Module):
                 code: 1e-5); 0 never does.
             precise_bn: after every epoch, recompute the generator's BatchNorm statistics that inference uses,
                 from one pass over the training images with the epoch's final weights (not in the paper).
-            seed: seed of the initial weights.
+            brightness: scale each training image by a factor drawn from [1 - brightness, 1 + brightness]
+                (not in the paper: 0), so a global change of lighting is learnt as normal, as between a
+                line's training and inspection days. Seeded by ``seed`` and the training step.
+            seed: seed of the initial weights and of the brightness factors.
         """
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("width", width)):
@@ -219,6 +224,8 @@ class GANomalyModel(nn.Module):
             raise ValueError(
                 f"map_sigma must be >= 0 (0: no blur), got {map_sigma}: e.g. --model.map_sigma 4"
             )
+        if not 0.0 <= brightness < 1.0:
+            raise ValueError(f"brightness must be in [0, 1), got {brightness!r}: e.g. --model.brightness 0.2")
         if not d_reinit_below >= 0:
             raise ValueError(
                 f"d_reinit_below must be >= 0 (0: never), got {d_reinit_below}: e.g. --model.d_reinit_below 1e-5"
@@ -235,6 +242,7 @@ class GANomalyModel(nn.Module):
         self.w_adv, self.w_con, self.w_enc = float(w_adv), float(w_con), float(w_enc)
         self.score, self.latent_distance, self.map_sigma = score, latent_distance, float(map_sigma)
         self.d_reinit_below, self.precise_bn, self.seed = float(d_reinit_below), precise_bn, seed
+        self.brightness = float(brightness)
         self.channels = 3
         self.generator: Generator | None = None
         self.discriminator: Encoder | None = None
@@ -331,6 +339,12 @@ class GANomalyModel(nn.Module):
         self.loss_terms["d_real"], self.loss_terms["d_fake"] = loss_real.detach(), loss_fake.detach()
         return 0.5 * (loss_real + loss_fake)
 
+    def relight(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's images, each scaled by its own factor in [1 - brightness, 1 + brightness] (training steps
+        carry ``anomaly_step``: a fresh draw per step; other batches a fixed one per image path)."""
+        keys = ("ganomaly-light", self.seed), ("ganomaly-light-eval", self.seed)
+        return relight(batch, self.brightness, *keys)
+
     def loss(self, batch: dict[str, Any]) -> Tensor:
         """The generator's weighted loss on ``batch["image"]`` [B,3,H,W] (the validation loss)."""
         return self.generator_loss(self.generate(batch["image"]))
@@ -375,7 +389,7 @@ class GANomalyModel(nn.Module):
         generator, _ = self._networks()
 
         def forward(batch: dict[str, Any]) -> int:
-            self.generate(batch["image"])
+            self.generate(self.relight(batch))
             return len(batch["image"])
 
         recompute_batchnorm(generator, batches, forward, "GANomaly")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adx.models.components.seeding import batch_seeds
 from adx.models.components.sources.noise import randint, uniform
 
 Generator = torch.Generator | None
@@ -92,3 +94,22 @@ def texture_augment(x: Tensor, generator: Generator = None, n: int = 3) -> Tenso
     for i in torch.randperm(len(TRANSFORMS), generator=generator)[:n].tolist():
         x = TRANSFORMS[i](x, generator).clamp(0.0, 1.0)
     return x
+
+
+def relight(batch: dict[str, Any], strength: float, train_key: tuple, eval_key: tuple) -> Tensor:
+    """The batch's images [B,C,H,W] in [0,1], each scaled by its own factor in [1 - strength, 1 + strength].
+
+    A global change of lighting that a model should learn as normal (a line's training and inspection days
+    differ). The factors are drawn from per-image generators seeded by ``batch_seeds(batch, train_key,
+    eval_key)``: a fresh draw per training step, a fixed one per image path otherwise; give keys of their own
+    so the draws do not repeat another generator's. ``strength`` 0 returns the images unchanged.
+    """
+    images = batch["image"]
+    if strength == 0.0:
+        return images
+    factors = [
+        uniform(1.0 - strength, 1.0 + strength, torch.Generator().manual_seed(seed))
+        for seed in batch_seeds(batch, train_key, eval_key)
+    ]
+    scale = torch.tensor(factors, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+    return (images * scale).clamp(0.0, 1.0)
