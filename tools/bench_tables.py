@@ -506,9 +506,10 @@ SCRATCH_VS_PEER = Table(
         Col("peak RSS adx / peer, MB", "r", "", _adx_peer("peak_rss_mb", whole)),
     ],
     rows=[
-        Row("DRAEM", {"r": "draem_screw.json"}),
-        Row("DRAEM", {"r": "draem_magnetic_tile.json"}),
-        Row("DRAEM", {"r": "draem_juice_bottle.json"}),
+        # the offline config since 2026-12-03 (brightness 0.2); the runs without it are in the vs-peer tables
+        Row("DRAEM", {"r": "draem_brightness/screw_s0.json"}),
+        Row("DRAEM", {"r": "draem_brightness/magnetic_tile_s0.json"}),
+        Row("DRAEM", {"r": "draem_brightness/juice_bottle_s0.json"}),
         *[Row("GANomaly", {"r": f"ganomaly_{category}.json"}) for category in CATEGORIES],
     ],
 )
@@ -576,6 +577,65 @@ SEED_SWEEP = Rendered(
 )
 
 
+BRIGHTNESS_RUNS = {  # (method, category, seed): (paper-setting report holding both sides, brightness report)
+    **{
+        ("DRAEM", "mvtec_ad/screw", s): (
+            _seed_file("draem_screw.json", "seeds/draem_screw", "adx", s),
+            f"draem_brightness/screw_s{s}.json",
+        )
+        for s in SEEDS
+    },
+    ("DRAEM", "mvtec_loco/juice_bottle", 0): (
+        "draem_juice_bottle.json",
+        "draem_brightness/juice_bottle_s0.json",
+    ),
+    ("DRAEM", "magnetic_tile", 0): ("draem_magnetic_tile.json", "draem_brightness/magnetic_tile_s0.json"),
+    **{
+        ("GANomaly", "mvtec_ad/screw", s): (
+            _seed_file("ganomaly_screw.json", "seeds/ganomaly_screw", "adx", s),
+            f"ganomaly_brightness/screw_s{s}.json",
+        )
+        for s in SEEDS
+    },
+}
+
+
+def _peer_report(method: str, category: str, seed: int) -> str:
+    """The report holding the peer's run of this method, category and seed (the paper-setting side's)."""
+    first = f"{method.lower()}_{category.split('/')[-1]}.json"
+    return _seed_file(first, f"seeds/{method.lower()}_{category.split('/')[-1]}", "peer", seed)
+
+
+def _brightness(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """adx with and without ``brightness`` 0.2, and the peer, per run (image and pixel AUROC)."""
+    header = [
+        "method",
+        "category",
+        "seed",
+        "image AUROC adx / adx brightness 0.2 / peer",
+        "pixel AUROC adx / adx brightness 0.2 / peer",
+    ]
+    rows = []
+    for (method, category, seed), (plain, lit) in BRIGHTNESS_RUNS.items():
+        peer = reports[_peer_report(method, category, seed)]["peer"]["metrics"]
+        cells = []
+        for measure in ("image_AUROC", "pixel_AUROC"):
+            values = [reports[plain]["adx"]["metrics"][measure], reports[lit]["adx"]["metrics"][measure]]
+            values.append(peer.get(measure))
+            cells.append(" / ".join("none" if v is None else fixed(3)(v) for v in values))
+        rows.append([method, category, str(seed), *cells])
+    return header, rows
+
+
+BRIGHTNESS = Rendered(
+    files=sorted(
+        {f for files in BRIGHTNESS_RUNS.values() for f in files}
+        | {_peer_report(m, c, s) for m, c, s in BRIGHTNESS_RUNS}
+    ),
+    build=_brightness,
+)
+
+
 def _score_brightness(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """tools/score_brightness.py's rows: how far each run's image ranking on screw follows brightness."""
     header = ["run", "side", "image AUROC", "rho(score, brightness) all", "within good", "within defective"]
@@ -610,6 +670,9 @@ STUDENT_TRAIN_VS_PEER = train_cache_table(
     {
         "STFPM (lite0, 256 px, batch 32)": "stfpm_train_vs_peer.json",
         "Reverse Distillation (WideResNet-50, 128 px, batch 16)": "reversedistillation_train_vs_peer.json",
+        "Reverse Distillation, anomalib's embedding width 512 (WideResNet-50, 128 px, batch 16)": (
+            "reversedistillation_train_vs_peer_same_width.json"
+        ),
     }
 )
 
@@ -645,6 +708,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
     "reconstruction-seeds-vs-peer": SEED_SWEEP,
     "screw-brightness": SCORE_BRIGHTNESS,
+    "brightness": BRIGHTNESS,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,
