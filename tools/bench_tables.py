@@ -585,10 +585,13 @@ BRIGHTNESS_RUNS = {  # (method, category, seed): (paper-setting report holding b
         )
         for s in SEEDS
     },
-    ("DRAEM", "mvtec_loco/juice_bottle", 0): (
-        "draem_juice_bottle.json",
-        "draem_brightness/juice_bottle_s0.json",
-    ),
+    **{
+        ("DRAEM", "mvtec_loco/juice_bottle", s): (
+            _seed_file("draem_juice_bottle.json", "seeds/draem_juice_bottle", "adx", s),
+            f"draem_brightness/juice_bottle_s{s}.json",
+        )
+        for s in SEEDS
+    },
     ("DRAEM", "magnetic_tile", 0): ("draem_magnetic_tile.json", "draem_brightness/magnetic_tile_s0.json"),
     **{
         ("GANomaly", "mvtec_ad/screw", s): (
