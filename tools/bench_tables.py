@@ -491,6 +491,8 @@ def _adx_peer(path: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]]
     peer does not report it (anomalib's GANomaly has no map, so no pixel metrics)."""
 
     def cell(r: dict[str, Any]) -> str:
+        if "peer" not in r:  # an adx-only report in a side-by-side row is a mistake, not a missing value
+            raise KeyError(f"'peer' (this report has no peer side; path {path})")
         try:
             peer = fmt(lookup(r["peer"], path))
         except KeyError:

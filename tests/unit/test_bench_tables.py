@@ -57,3 +57,16 @@ def test_missing_reports_and_markers_are_named(tmp_path: Path) -> None:
     (bench / "cflow40_screw_metrics.json").unlink()
     result = _run(*args)
     assert result.returncode == 2 and "cflow40_screw_metrics.json" in result.stderr
+
+
+def test_a_side_by_side_row_without_a_peer_side_is_an_error_not_none(tmp_path: Path) -> None:
+    # an adx-only report put in a side-by-side row once printed "none" in every peer cell
+    doc, bench = tmp_path / "benchmarks.md", tmp_path / "bench"
+    shutil.copy(ROOT / "docs" / "benchmarks.md", doc)
+    shutil.copytree(ROOT / "docs" / "bench", bench)
+    report = json.loads((bench / "draem_screw.json").read_text())
+    del report["peer"]
+    (bench / "draem_screw.json").write_text(json.dumps(report))
+    result = _run("--check", "--doc", str(doc), "--bench", str(bench))
+    assert result.returncode == 2
+    assert "reconstruction-vs-peer" in result.stderr and "no peer side" in result.stderr
