@@ -40,9 +40,13 @@ PEER_SCRATCH = {
     "DSR": "Dsr",
     "STFPM": "Stfpm",
     "EfficientAd": "EfficientAd",
+    "ReverseDistillation": "ReverseDistillation",
 }
 # the peer's layer names for adx's strides, for methods with a pretrained network
-PEER_LAYERS = {"tf_efficientnet_lite0": {4: "blocks.1", 8: "blocks.2", 16: "blocks.4"}}
+PEER_LAYERS = {
+    "tf_efficientnet_lite0": {4: "blocks.1", 8: "blocks.2", 16: "blocks.4"},
+    "wide_resnet50_2": {4: "layer1", 8: "layer2", 16: "layer3"},
+}
 
 
 def peak_rss_mb() -> int:
@@ -209,7 +213,7 @@ def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
         if limit:
             cmd += ["--limit-train-batches", str(int(limit))]
         cmd += ["--kw", f"lr={model['init_args']['optimizer']['init_args']['lr']}"]
-    if args.model == "STFPM":
+    if args.model in ("STFPM", "ReverseDistillation"):  # the teacher: the same architecture and weights file
         backbone = init.get("backbone", "tf_efficientnet_lite0")
         layers = [PEER_LAYERS[backbone][s] for s in init.get("strides", (4, 8, 16))]
         cmd += ["--backbone", backbone, "--weights", args.peer_weights, "--layers", *layers]

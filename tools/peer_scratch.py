@@ -12,7 +12,7 @@ time, peak RSS, the peer's own metrics and its raw score of every test image (``
 ``--widths R D`` narrows DRAEM's reconstructive and discriminative sub-networks (the peer hard-codes the
 paper's 128 / 64) so both sides train the same network on a CPU; ``--anomaly-source`` points its Perlin
 generator at the same texture files as adx's.
-Methods with a pretrained network (STFPM's teacher) take ``--backbone``, ``--layers`` and ``--weights`` (a timm
+Methods with a pretrained network (STFPM's and Reverse Distillation's teachers) take ``--backbone``, ``--layers`` and ``--weights`` (a timm
 state dict, tools/export_timm_weights.py), loaded where the peer would download its weights; their inputs are
 normalised with ImageNet's statistics, the peer's default. Pure-model latency: the peer's torch model on one
 preprocessed test batch in eval mode, after a warm-up, as tools/bench.py times adx's.
@@ -116,7 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", choices=["Draem", "Ganomaly", "Dsr", "Stfpm", "EfficientAd"])
+    parser.add_argument(
+        "model", choices=["Draem", "Ganomaly", "Dsr", "Stfpm", "EfficientAd", "ReverseDistillation"]
+    )
     parser.add_argument("root")
     parser.add_argument("category")
     parser.add_argument("out")
@@ -132,7 +134,9 @@ def main() -> None:
     )
     parser.add_argument("--imagenet-dir", help="EfficientAD: a folder of class folders of penalty images")
     parser.add_argument("--limit-train-batches", type=int, help="training batches per epoch (adx's setting)")
-    parser.add_argument("--backbone", help="timm backbone of a pretrained network (STFPM's teacher)")
+    parser.add_argument(
+        "--backbone", help="timm backbone of a pretrained network (STFPM's or Reverse Distillation's teacher)"
+    )
     parser.add_argument("--layers", nargs="*", help="the peer's layer names for --backbone")
     parser.add_argument("--weights", help="timm state dict of --backbone (tools/export_timm_weights.py)")
     parser.add_argument(
