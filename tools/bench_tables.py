@@ -673,6 +673,13 @@ STUDENT_VS_PEER = Table(
     rows=[
         Row("STFPM", {"r": "stfpm_screw.json"}),
         Row("EfficientAD-S (60 steps)", {"r": "efficientad_magnetic_tile.json"}),
+        *[
+            Row(
+                "Reverse Distillation (WideResNet-50, random weights)",
+                {"r": f"reversedistillation_wrn50_random_{category}.json"},
+            )
+            for category in ("screw", "juice_bottle")
+        ],
     ],
 )
 
