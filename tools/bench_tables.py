@@ -584,29 +584,21 @@ SEED_SWEEP = Rendered(
 )
 
 
+# (method, category, seeds) run with brightness 0.2, in table order
+BRIGHTNESS_SWEEPS = (
+    ("DRAEM", "mvtec_ad/screw", SEEDS),
+    ("DRAEM", "mvtec_loco/juice_bottle", SEEDS),
+    ("DRAEM", "magnetic_tile", (0,)),
+    ("GANomaly", "mvtec_ad/screw", SEEDS),
+)
 BRIGHTNESS_RUNS = {  # (method, category, seed): (paper-setting report holding both sides, brightness report)
-    **{
-        ("DRAEM", "mvtec_ad/screw", s): (
-            _seed_file("draem_screw.json", "seeds/draem_screw", "adx", s),
-            f"draem_brightness/screw_s{s}.json",
-        )
-        for s in SEEDS
-    },
-    **{
-        ("DRAEM", "mvtec_loco/juice_bottle", s): (
-            _seed_file("draem_juice_bottle.json", "seeds/draem_juice_bottle", "adx", s),
-            f"draem_brightness/juice_bottle_s{s}.json",
-        )
-        for s in SEEDS
-    },
-    ("DRAEM", "magnetic_tile", 0): ("draem_magnetic_tile.json", "draem_brightness/magnetic_tile_s0.json"),
-    **{
-        ("GANomaly", "mvtec_ad/screw", s): (
-            _seed_file("ganomaly_screw.json", "seeds/ganomaly_screw", "adx", s),
-            f"ganomaly_brightness/screw_s{s}.json",
-        )
-        for s in SEEDS
-    },
+    (method, category, s): (
+        _seed_file(f"{stem}_{name}.json", f"seeds/{stem}_{name}", "adx", s),
+        f"{stem}_brightness/{name}_s{s}.json",
+    )
+    for method, category, seeds in BRIGHTNESS_SWEEPS
+    for stem, name in [(method.lower(), category.split("/")[-1])]
+    for s in seeds
 }
 
 
