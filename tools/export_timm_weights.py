@@ -74,8 +74,9 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over a state dict's names, dtypes, shapes and values, in name order: equal for equal weights."""
     h = hashlib.sha256()
     for k in sorted(state):
-        v = state[k].detach().cpu().contiguous().reshape(-1)
+        v = state[k].detach().cpu()
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        v = v.contiguous().reshape(-1)  # 1-d, so 0-d tensors can be viewed as bytes too
         h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
