@@ -2,13 +2,18 @@
 
 Usage::
 
-    python tools/bench_coreset.py [--features file.pt] [--n 327680] [--dim 152] [--ratio 0.1]
+    python tools/bench_coreset.py [--features file.pt | --patchcore ROOT CATEGORY [--image-size 320]]
+                                  [--n 327680] [--dim 152] [--ratio 0.1] [--save-features file.pt]
                                   [--reference-steps 2000] [--out docs/bench_coreset.json]
 
 Times :func:`adx.models.components.coreset.greedy_coreset` for the full coreset, times the reference for
 ``--reference-steps`` steps (its full time is extrapolated linearly: every reference step costs the same
 O(N * d)), checks that both select the same first ``--reference-steps`` indices, and prints / writes JSON.
 Without ``--features`` a clustered random data set resembling CNN patch features is generated.
+``--patchcore ROOT CATEGORY`` collects the real patch features PatchCore's defaults give on the training
+images of an MVTec-layout category instead (offline lite0 weights; training images in sorted path order,
+without the validation hold-out, so the count differs from ``adx fit``'s); ``--save-features`` writes them,
+so another checkout's copy of this script can time its coreset on the same matrix (``--features``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adx.models.components.coreset import greedy_coreset, greedy_coreset_reference, sample_size
@@ -47,6 +53,27 @@ def synthetic_features(n: int, dim: int, seed: int = 0, components: int = 64, ra
     return out
 
 
+def patchcore_features(root: Path, category: str, image_size: int) -> torch.Tensor:
+    """PatchCore's default patch features [N, D] of ``root/category/train/good`` (sorted), N = images * h * w."""
+    from adx.data.dataset import load_image
+    from adx.models.patchcore.torch_model import PatchCoreModel
+
+    paths = sorted((root / category / "train" / "good").glob("*.png"))
+    if not paths:
+        raise SystemExit(
+            f"no training images under {root / category / 'train' / 'good'}: check ROOT CATEGORY"
+        )
+    model = PatchCoreModel().eval()
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(paths), 16):
+            arrays = [load_image(str(p), (image_size, image_size))[0] for p in paths[start : start + 16]]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            emb = model.embed(images)
+            rows.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+    return torch.cat(rows)
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -59,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--features", type=Path, default=None, help="torch.save'd [N, D] tensor")
+    parser.add_argument(
+        "--patchcore", nargs=2, metavar=("ROOT", "CATEGORY"), default=None, help="real PatchCore features"
+    )
+    parser.add_argument("--image-size", type=int, default=320, help="with --patchcore")
+    parser.add_argument("--save-features", type=Path, default=None, help="torch.save the features here")
     parser.add_argument("--n", type=int, default=327680, help="number of synthetic features")
     parser.add_argument("--dim", type=int, default=152, help="synthetic feature dimension")
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset sampling ratio")
@@ -76,11 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.features is not None:
         features = torch.load(args.features, map_location="cpu")
         source = str(args.features)
+    elif args.patchcore is not None:
+        root, category = Path(args.patchcore[0]), args.patchcore[1]
+        features = patchcore_features(root, category, args.image_size)
+        source = f"PatchCore default features of {root / category}/train/good at {args.image_size} px"
     else:
         features = synthetic_features(args.n, args.dim, seed=args.seed)
         source = "synthetic mixture of low-rank gaussians"
     features = features.reshape(-1, features.shape[-1])
     load_s = time.perf_counter() - t0
+    if args.save_features is not None:
+        torch.save(features, args.save_features)
     n_total, dim = features.shape
     n = sample_size(n_total, args.ratio)
     proj = args.projection_dim if args.projection_dim > 0 else None

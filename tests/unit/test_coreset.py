@@ -31,11 +31,16 @@ def _datasets() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     low_rank = torch.rand(5000, 3, generator=gen) @ torch.randn(3, 40, generator=gen)
     duplicates = torch.randn(800, 24, generator=gen)[torch.randint(800, (5000,), generator=gen)]
+    # a few far outliers make the rounding allowance of the principal-axis bounds large for every point
+    outliers = _blobs(5000, 96, 12, seed=2)
+    outliers[::1000] *= 1e4
     return {
         "blobs": _blobs(5000, 64, 12, seed=1),
         "uniform": torch.rand(5000, 64, generator=gen),
         "low_rank": low_rank,
         "duplicates": duplicates,
+        "wide": _blobs(5000, 128, 40, seed=3),  # more dimensions than the principal axes kept
+        "outliers": outliers,
         "grid": torch.stack(torch.meshgrid(torch.arange(50.0), torch.arange(100.0), indexing="ij"), -1).view(
             -1, 2
         ),
