@@ -5,6 +5,8 @@ and PaDiM run their shipped offline configs on MVTec AD screw against fixed floo
 run a short schedule that fits CI and must stay within MARGIN of the value it measured. Runs are seeded,
 so they repeat to the last digit on one machine. The four runs took 9.5 minutes on the 2-core machine
 with one torch thread while other jobs shared it (PatchCore 409 s, CFlow 88 s, FastFlow 34 s, PaDiM 32 s).
+Since the coreset's principal-axis bounds (2026-12-03, same selection) PatchCore's run takes about half
+as long: 290 s in a CI-equivalent run of the whole suite (two workers), 221 s alone on the idle machine.
 
 The values were measured on 2026-12-01 on the 2-core CPU machine, with the working tree of that
 day (HEAD f48af40 plus the uncommitted Core v2 work), OMP_NUM_THREADS=1, three times per trained method
