@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -282,7 +283,10 @@ def main() -> None:
         record["peer_command"] = " ".join(sys.argv) + " (the peer run apart from the adx run)"
         record["peer_seed"] = args.seed
     else:
-        runs = Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}"
+        # the pid keeps two runs started in the same second (two jobs on the two cores) apart
+        runs = (
+            Path(args.runs) / f"{args.model}_{args.category}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+        )
         record = {
             "command": " ".join(sys.argv),
             "cpu_threads": torch.get_num_threads(),
