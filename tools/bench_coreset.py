@@ -56,13 +56,13 @@ def synthetic_features(n: int, dim: int, seed: int = 0, components: int = 64, ra
 def patchcore_features(root: Path, category: str, image_size: int) -> torch.Tensor:
     """PatchCore's default patch features [N, D] of ``root/category/train/good`` (sorted), N = images * h * w."""
     from adx.data.dataset import load_image
+    from adx.data.samples import list_images
     from adx.models.patchcore.torch_model import PatchCoreModel
 
-    paths = sorted((root / category / "train" / "good").glob("*.png"))
+    good = root / category / "train" / "good"
+    paths = list_images(good) if good.is_dir() else []
     if not paths:
-        raise SystemExit(
-            f"no training images under {root / category / 'train' / 'good'}: check ROOT CATEGORY"
-        )
+        raise SystemExit(f"no training images under {good}: check ROOT CATEGORY")
     model = PatchCoreModel().eval()
     rows = []
     with torch.no_grad():
