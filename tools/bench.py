@@ -199,6 +199,7 @@ def run_peer_scratch(args: argparse.Namespace, adx: dict, out: Path) -> dict:
         "--epochs",
         str(cfg["trainer"]["max_epochs"]),
         *[a for kv in args.peer_kw for a in ("--kw", kv)],
+        *args.peer_arg,
         *(["--seed", str(args.seed)] if args.seed is not None else []),
     ]
     init = model.get("init_args", {})
@@ -263,6 +264,13 @@ def main() -> None:
     parser.add_argument("--peer", help="python of a venv with anomalib (runs the peer after adx)")
     parser.add_argument("--peer-weights", help="timm state dict for the peer (tools/export_timm_weights.py)")
     parser.add_argument("--peer-kw", action="append", default=[], help="peer model argument key=value")
+    parser.add_argument(
+        "--peer-arg",
+        action="append",
+        default=[],
+        help="an argument passed on to tools/peer_scratch.py as it is (repeatable; e.g. --peer-arg=--focal-alpha "
+        "--peer-arg=none)",
+    )
     parser.add_argument("--train-timing", action="store_true", help="record per-epoch training time")
     parser.add_argument(
         "--peer-after",

@@ -50,6 +50,26 @@ def narrow_draem(reconstructive: int, discriminative: int) -> None:
     draem.DraemModel.__init__ = init
 
 
+def draem_focal_alpha(value: str) -> None:
+    """Give the peer's DRAEM loss a focal loss with ``alpha`` = value ("none": every class weighted by 1).
+
+    The peer builds ``kornia.losses.FocalLoss(alpha=1)``; kornia 0.9 weights class 0 (normal pixels) by
+    1 - alpha, so the peer's segmentation loss has no term for normal pixels. The authors' focal loss weights
+    both classes alike, which is what "none" restores.
+    """
+    from anomalib.models.image.draem import loss as draem_loss
+    from kornia.losses import FocalLoss
+
+    alpha = None if value.lower() == "none" else float(value)
+    original = draem_loss.DraemLoss.__init__
+
+    def init(self: torch.nn.Module) -> None:
+        original(self)
+        self.focal_loss = FocalLoss(alpha=alpha, reduction="mean")
+
+    draem_loss.DraemLoss.__init__ = init
+
+
 def install_teacher(path: str) -> None:
     """Make the peer's EfficientAD read adx's distilled PDN-S teacher instead of downloading the authors'.
 
@@ -88,10 +108,12 @@ class ImageScores(Callback):
     """The peer's raw image score of every test image, by file path: its torch model's ``pred_score`` during
     the peer's own test pass (a forward hook), before the post-processing that min-max normalises and clips
     the scores to [0, 1] and ties many of them; so a run's ranking can be compared image by image
-    (tools/score_brightness.py)."""
+    (tools/score_brightness.py). ``map_means``: the mean of each image's anomaly map, where the model has one.
+    """
 
     def __init__(self) -> None:
         self.scores: dict[str, float] = {}
+        self.map_means: dict[str, float] = {}
         self._paths: list[str] = []
         self._hook = None
 
@@ -105,6 +127,10 @@ class ImageScores(Callback):
         values = out.pred_score.detach().flatten().tolist() if hasattr(out, "pred_score") else []
         if self._paths and len(values) == len(self._paths):
             self.scores.update(zip(self._paths, map(float, values), strict=True))
+            maps = getattr(out, "anomaly_map", None)
+            if maps is not None:
+                means = maps.detach().flatten(1).mean(1).tolist()
+                self.map_means.update(zip(self._paths, map(float, means), strict=True))
             self._paths = []
 
     def on_test_end(self, trainer, pl_module) -> None:  # noqa: ANN001, ARG002
@@ -128,6 +154,10 @@ def main() -> None:
     parser.add_argument("--anomaly-source", help="folder of texture images for DRAEM's Perlin anomalies")
     parser.add_argument(
         "--widths", type=int, nargs=2, help="DRAEM's reconstructive and discriminative widths"
+    )
+    parser.add_argument(
+        "--focal-alpha",
+        help="DRAEM: alpha of the peer's kornia FocalLoss instead of its 1 ('none': both classes weighted by 1)",
     )
     parser.add_argument(
         "--teacher", help="EfficientAD: adx's teacher file (its PDN-S), loaded in the peer's layout"
@@ -160,6 +190,8 @@ def main() -> None:
             narrow_draem(*args.widths)
         if args.anomaly_source:
             kwargs["dtd_dir"] = args.anomaly_source
+        if args.focal_alpha is not None:
+            draem_focal_alpha(args.focal_alpha)
     if args.model == "Ganomaly":
         kwargs["batch_size"] = args.batch_size
     if args.model == "EfficientAd":
@@ -190,6 +222,7 @@ def main() -> None:
         backbone=args.backbone,
         layers=args.layers,
         anomaly_source=args.anomaly_source,
+        focal_alpha=args.focal_alpha,
         extra=args.kw,
     )
     record.update(
@@ -201,6 +234,7 @@ def main() -> None:
         peak_rss_mb=peak_rss_mb(),
         metrics={k: float(v) for k, v in results[0].items()},
         image_scores=scores.scores,
+        image_map_means=scores.map_means,
     )
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

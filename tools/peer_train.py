@@ -11,6 +11,7 @@ This file is a tool run inside the peer's environment; adx itself never imports 
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def peer_run(
     )
     timer = EpochTimer()
     engine = Engine(
-        default_root_dir=f"{tempfile.gettempdir()}/{folder}/{args.model}_{args.category}",
+        default_root_dir=f"{tempfile.gettempdir()}/{folder}/{args.model}_{args.category}_{os.getpid()}",
         accelerator="cpu",
         devices=1,
         logger=False,

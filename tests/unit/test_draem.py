@@ -172,6 +172,25 @@ def test_loss_decreases_on_a_tiny_batch() -> None:
     assert min(losses[-3:]) < 0.8 * losses[0], losses
 
 
+def test_focal_alpha_weighs_the_two_classes() -> None:
+    """[1, 1] is the default loss; [0, 1] (anomalib 2.7's weighting under kornia 0.9) leaves normal pixels out."""
+    batch = {"image": _images(2, 32), "path": ["a", "b"]}
+    plain = DraemModel(**SMALL, p_anomaly=1.0).eval()
+    ones = DraemModel(**SMALL, p_anomaly=1.0, focal_alpha=(1.0, 1.0)).eval()
+    only_anomalous = DraemModel(**SMALL, p_anomaly=1.0, focal_alpha=(0.0, 1.0)).eval()
+    with torch.no_grad():
+        plain.loss(batch), ones.loss(batch), only_anomalous.loss(batch)
+        corrupted, masks = plain.synthesize(batch["image"], plain.anomaly_seeds(batch))
+        logits = plain.discriminative(torch.cat([corrupted, plain.reconstructive(corrupted)], dim=1))
+    assert masks.any() and not masks.all()
+    torch.testing.assert_close(ones.loss_terms["focal"], plain.loss_terms["focal"])
+    target = masks[:, 0].long()
+    log_pt = torch.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+    expected = -((1 - log_pt.exp()) ** 2 * log_pt * target).mean()
+    torch.testing.assert_close(only_anomalous.loss_terms["focal"], expected)
+    assert float(only_anomalous.loss_terms["focal"]) < float(plain.loss_terms["focal"])
+
+
 # ---- losses ------------------------------------------------------------------------------------
 def test_focal_loss_matches_a_brute_force_reference() -> None:
     g = torch.Generator().manual_seed(0)
@@ -240,6 +259,9 @@ def test_fraction_step_schedule() -> None:
         ({"smoothing": 0}, "smoothing"),
         ({"brightness": 1.0}, "brightness"),
         ({"brightness": -0.1}, "brightness"),
+        ({"focal_alpha": (0.0, 0.0)}, "focal_alpha"),
+        ({"focal_alpha": (-1.0, 1.0)}, "focal_alpha"),
+        ({"focal_alpha": (1.0, 1.0, 1.0)}, "focal_alpha"),
     ],
 )
 def test_bad_hyperparameters_are_named(kwargs: dict, name: str) -> None:

@@ -136,6 +136,7 @@ class DraemModel(RecordsSources, nn.Module):
         brightness: float = 0.0,
         ssim_weight: float = 1.0,
         focal_gamma: float = 2.0,
+        focal_alpha: tuple[float, float] | None = None,
         smoothing: int = 21,
         precise_bn: bool = False,
         seed: int = 0,
@@ -159,6 +160,9 @@ class DraemModel(RecordsSources, nn.Module):
                 normal, as between a line's training and inspection days.
             ssim_weight: weight of the SSIM term in the reconstruction loss L2 + w (1 - SSIM) (paper: 1).
             focal_gamma: focusing exponent of the segmentation's focal loss (paper: 2).
+            focal_alpha: weights [normal, anomalous] of the two classes' pixels in the focal loss; None
+                weighs both 1 (the authors' code). anomalib 2.7 asks kornia for alpha = 1, which kornia 0.9
+                reads as [0, 1]: no loss on normal pixels (docs/benchmarks.md).
             smoothing: side of the mean filter over the anomaly map before the image score (max) is taken
                 (paper: 21); 1 disables it.
             precise_bn: after every epoch, recompute the BatchNorm statistics that inference uses with the
@@ -187,6 +191,13 @@ class DraemModel(RecordsSources, nn.Module):
             raise ValueError(f"ssim_weight must be >= 0, got {ssim_weight}: e.g. --model.ssim_weight 1.0")
         if not focal_gamma >= 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}: e.g. --model.focal_gamma 2.0")
+        if focal_alpha is not None and (
+            len(focal_alpha) != 2 or min(focal_alpha) < 0 or max(focal_alpha) <= 0
+        ):
+            raise ValueError(
+                f"focal_alpha must be null or [normal, anomalous] weights >= 0, not both 0, got {focal_alpha!r}: "
+                "e.g. --model.focal_alpha [1.0,1.0]"
+            )
         odd = isinstance(smoothing, int) and not isinstance(smoothing, bool) and smoothing % 2 == 1
         if not (odd and smoothing >= 1):
             raise ValueError(
@@ -197,6 +208,7 @@ class DraemModel(RecordsSources, nn.Module):
         self.p_anomaly, self.opacity = float(p_anomaly), (float(opacity[0]), float(opacity[1]))
         self.grey_textures, self.brightness = grey_textures, float(brightness)
         self.ssim_weight, self.focal_gamma = ssim_weight, focal_gamma
+        self.focal_alpha = None if focal_alpha is None else (float(focal_alpha[0]), float(focal_alpha[1]))
         self.smoothing, self.precise_bn, self.seed = smoothing, precise_bn, seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -258,7 +270,7 @@ class DraemModel(RecordsSources, nn.Module):
         logits = self.discriminative(torch.cat([corrupted, recon], dim=1))
         l2 = F.mse_loss(recon.float(), images.float())
         ssim_term = 1.0 - ssim(recon, images).mean()
-        focal = focal_loss(logits, masks[:, 0].long(), self.focal_gamma)
+        focal = focal_loss(logits, masks[:, 0].long(), self.focal_gamma, self.focal_alpha)
         self.loss_terms = {"l2": l2.detach(), "ssim": ssim_term.detach(), "focal": focal.detach()}
         return l2 + self.ssim_weight * ssim_term + focal
 
