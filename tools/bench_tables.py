@@ -697,6 +697,48 @@ def _same_padding(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 SAME_PADDING = Rendered(files=["same_padding.json"], build=_same_padding)
+# DRAEM on juice_bottle with each side's focal-loss class weights and the other's, brightness 0.2 on adx's
+# side: (side, weights [normal, anomalous], lr) -> the report of each seed and the side's key in it
+FOCAL_SIDES = {
+    ("adx", "[1, 1] (the paper's)", "1e-3"): ("draem_brightness/juice_bottle_s{}.json", "adx"),
+    ("adx", "[1, 1] (the paper's)", "1e-4"): ("draem_brightness/juice_bottle_lr1e-4_s{}.json", "adx"),
+    ("adx", "[0, 1]", "1e-3"): ("draem_focal/juice_bottle_alpha0-1_s{}.json", "adx"),
+    ("anomalib 2.7", "[0, 1] (as shipped)", "1e-4"): ("", "peer"),
+    ("anomalib 2.7", "[1, 1] (the paper's)", "1e-4"): (
+        "draem_focal/juice_bottle_peer_alpha-none_s{}.json",
+        "peer",
+    ),
+}
+
+
+def _focal_file(pattern: str, seed: int) -> str:
+    return pattern.format(seed) if pattern else _peer_report("DRAEM", "mvtec_loco/juice_bottle", seed)
+
+
+def _draem_focal(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Image and pixel AUROC per seed and their mean, for each side and focal-loss weighting."""
+    header = [
+        "side",
+        "focal weights [normal, anomalous]",
+        "lr",
+        "measure",
+        *(f"seed {s}" for s in SEEDS),
+        "mean",
+    ]
+    rows = []
+    for (side, weights, lr), (pattern, key) in FOCAL_SIDES.items():
+        for measure in ("image_AUROC", "pixel_AUROC"):
+            values = [reports[_focal_file(pattern, s)][key]["metrics"][measure] for s in SEEDS]
+            cells = [fixed(3)(v) for v in (*values, sum(values) / len(values))]
+            rows.append([side, weights, lr, measure.replace("_", " "), *cells])
+    return header, rows
+
+
+DRAEM_FOCAL = Rendered(
+    files=sorted({_focal_file(pattern, s) for pattern, _ in FOCAL_SIDES.values() for s in SEEDS}),
+    build=_draem_focal,
+)
+
 
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
@@ -718,6 +760,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction-seeds-vs-peer": SEED_SWEEP,
     "screw-brightness": SCORE_BRIGHTNESS,
     "brightness": BRIGHTNESS,
+    "draem-focal": DRAEM_FOCAL,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,
