@@ -739,6 +739,39 @@ DRAEM_FOCAL = Rendered(
     build=_draem_focal,
 )
 
+# GANomaly on screw as shipped and on its brightness-equalised copy (tools/equalize_brightness.py)
+EQUAL_RUNS = {  # (side, data) -> (report of each seed, the side's key in it)
+    ("adx", "screw"): ("ganomaly_screw.json|seeds/ganomaly_screw_s{}.json", "adx"),
+    ("anomalib 2.7", "screw"): ("ganomaly_screw.json|seeds/ganomaly_screw_peer_s{}.json", "peer"),
+    ("adx", "screw, brightness equalised"): ("screw_equal/ganomaly_s{}.json", "adx"),
+    ("anomalib 2.7", "screw, brightness equalised"): ("screw_equal/ganomaly_peer_s{}.json", "peer"),
+}
+
+
+def _equal_file(pattern: str, seed: int) -> str:
+    """``first|rest``: seed 0's report is ``first``; otherwise the pattern for every seed."""
+    first, _, rest = pattern.rpartition("|")
+    return first if first and seed == 0 else rest.format(seed)
+
+
+def _ganomaly_equal(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["side", "images", "measure", *(f"seed {s}" for s in SEEDS), "mean"]
+    rows = []
+    for (side, data), (pattern, key) in EQUAL_RUNS.items():
+        for measure in ("image_AUROC", "pixel_AUROC"):
+            values = [reports[_equal_file(pattern, s)][key]["metrics"].get(measure) for s in SEEDS]
+            if None in values:  # the peer's GANomaly has no map
+                continue
+            cells = [fixed(3)(v) for v in (*values, sum(values) / len(values))]
+            rows.append([side, data, measure.replace("_", " "), *cells])
+    return header, rows
+
+
+GANOMALY_EQUAL = Rendered(
+    files=sorted({_equal_file(pattern, s) for pattern, _ in EQUAL_RUNS.values() for s in SEEDS}),
+    build=_ganomaly_equal,
+)
+
 
 TABLES: dict[str, Table | Transposed | Rendered] = {
     "quality": QUALITY,
@@ -761,6 +794,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "screw-brightness": SCORE_BRIGHTNESS,
     "brightness": BRIGHTNESS,
     "draem-focal": DRAEM_FOCAL,
+    "ganomaly-equal-brightness": GANOMALY_EQUAL,
     "student-teacher": STUDENT,
     "student-teacher-vs-peer": STUDENT_VS_PEER,
     "student-teacher-train-vs-peer": STUDENT_TRAIN_VS_PEER,

@@ -6,8 +6,8 @@ On a category whose good and defective test images differ in overall brightness 
 brightness alone scores 1.000 image AUROC, tools/brightness_baseline.py), a method's image AUROC mixes
 defect detection with brightness. This writes ``OUT/<category>/`` with every training and test image
 scaled by its own factor (a lighting gain, clipped to [0, 255]) so that its mean grey level is ``--target``
-(default: the mean over the training images), and links ``ground_truth`` unchanged (scaling moves no
-defect). Train both sides of a comparison on the copy (``tools/bench.py <method> OUT <category> ...``): what
+(default: the mean over the training images), and copies ``ground_truth`` unchanged (scaling moves no
+defect; a copy, not a link: anomalib's MVTec reader does not follow a linked folder). Train both sides of a comparison on the copy (``tools/bench.py <method> OUT <category> ...``): what
 is left of an image AUROC there is not overall brightness. Images are written as PNG (lossless) under
 their own names; the copy belongs outside the project (it is the shared data, rescaled). The brightness
 AUROC of the test images before and after is printed and written to ``OUT/<category>/equalize.json``.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def main() -> None:
         if path.parts[len(source.parts)] == "test":
             after.append(mean)
     if (source / "ground_truth").is_dir():
-        (dest / "ground_truth").symlink_to((source / "ground_truth").resolve(), target_is_directory=True)
+        shutil.copytree(source / "ground_truth", dest / "ground_truth")
     record = {
         "command": "python " + " ".join(sys.argv),
         "source": str(source.resolve()),
