@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -556,32 +557,36 @@ def _seed_file(first: str, stem: str, side: str, seed: int) -> str:
     return first if seed == 0 else f"{stem}_{'peer_' if side == 'peer' else ''}s{seed}.json"
 
 
-def _seed_sweep(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "category", "side", "measure", *(f"seed {s}" for s in SEEDS), "mean"]
-    rows = []
-    for (method, category), (first, stem) in SEED_SWEEPS.items():
-        for side, name in (("adx", "adx"), ("peer", "anomalib 2.7")):
-            runs = [reports[_seed_file(first, stem, side, s)] for s in SEEDS]
+SeedRuns = dict[tuple[str, ...], tuple[Callable[[int], str], str]]
+"""Row labels -> (the report of each seed, the side's key in it: "adx" or "peer")."""
+
+
+def per_seed_table(labels: Sequence[str], runs: SeedRuns) -> Rendered:
+    """Image and pixel AUROC of each run for every seed in SEEDS and their mean, a row per run and measure
+    (a measure a side does not report, as the peer GANomaly's map, is left out)."""
+
+    def build(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+        header = [*labels, "measure", *(f"seed {s}" for s in SEEDS), "mean"]
+        rows = []
+        for label, (file_of, key) in runs.items():
             for measure in ("image_AUROC", "pixel_AUROC"):
-                values = [run[side]["metrics"].get(measure) for run in runs]
-                if None in values:  # GANomaly's peer has no map
+                values = [reports[file_of(s)][key]["metrics"].get(measure) for s in SEEDS]
+                if None in values:
                     continue
                 cells = [fixed(3)(v) for v in (*values, sum(values) / len(values))]
-                rows.append([method, category, name, measure.replace("_", " "), *cells])
-    return header, rows
+                rows.append([*label, measure.replace("_", " "), *cells])
+        return header, rows
+
+    return Rendered(files=sorted({file_of(s) for file_of, _ in runs.values() for s in SEEDS}), build=build)
 
 
-SEED_SWEEP = Rendered(
-    files=sorted(
-        {
-            _seed_file(first, stem, side, s)
-            for first, stem in SEED_SWEEPS.values()
-            for side in ("adx", "peer")
-            for s in SEEDS
-        }
-    ),
-    build=_seed_sweep,
-)
+def _seed_runs() -> SeedRuns:
+    """SEED_SWEEPS' runs, adx then the peer for each method and category."""
+    return {
+        (method, category, name): (partial(_seed_file, first, stem, side), side)
+        for (method, category), (first, stem) in SEED_SWEEPS.items()
+        for side, name in (("adx", "adx"), ("peer", "anomalib 2.7"))
+    }
 
 
 # (method, category, seeds) run with brightness 0.2, in table order
@@ -697,79 +702,48 @@ def _same_padding(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 SAME_PADDING = Rendered(files=["same_padding.json"], build=_same_padding)
-# DRAEM on juice_bottle with each side's focal-loss class weights and the other's, brightness 0.2 on adx's
-# side: (side, weights [normal, anomalous], lr) -> the report of each seed and the side's key in it
-FOCAL_SIDES = {
-    ("adx", "[1, 1] (the paper's)", "1e-3"): ("draem_brightness/juice_bottle_s{}.json", "adx"),
-    ("adx", "[1, 1] (the paper's)", "1e-4"): ("draem_brightness/juice_bottle_lr1e-4_s{}.json", "adx"),
-    ("adx", "[0, 1]", "1e-3"): ("draem_focal/juice_bottle_alpha0-1_s{}.json", "adx"),
-    ("anomalib 2.7", "[0, 1] (as shipped)", "1e-4"): ("", "peer"),
-    ("anomalib 2.7", "[1, 1] (the paper's)", "1e-4"): (
-        "draem_focal/juice_bottle_peer_alpha-none_s{}.json",
-        "peer",
-    ),
-}
 
 
-def _focal_file(pattern: str, seed: int) -> str:
-    return pattern.format(seed) if pattern else _peer_report("DRAEM", "mvtec_loco/juice_bottle", seed)
+def _pattern(pattern: str) -> Callable[[int], str]:
+    return pattern.format
 
 
-def _draem_focal(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Image and pixel AUROC per seed and their mean, for each side and focal-loss weighting."""
-    header = [
-        "side",
-        "focal weights [normal, anomalous]",
-        "lr",
-        "measure",
-        *(f"seed {s}" for s in SEEDS),
-        "mean",
-    ]
-    rows = []
-    for (side, weights, lr), (pattern, key) in FOCAL_SIDES.items():
-        for measure in ("image_AUROC", "pixel_AUROC"):
-            values = [reports[_focal_file(pattern, s)][key]["metrics"][measure] for s in SEEDS]
-            cells = [fixed(3)(v) for v in (*values, sum(values) / len(values))]
-            rows.append([side, weights, lr, measure.replace("_", " "), *cells])
-    return header, rows
-
-
-DRAEM_FOCAL = Rendered(
-    files=sorted({_focal_file(pattern, s) for pattern, _ in FOCAL_SIDES.values() for s in SEEDS}),
-    build=_draem_focal,
+# DRAEM on juice_bottle with each side's focal-loss class weights and the other's (adx: brightness 0.2)
+DRAEM_FOCAL = per_seed_table(
+    ("side", "focal weights [normal, anomalous]", "lr"),
+    {
+        ("adx", "[1, 1] (the paper's)", "1e-3"): (_pattern("draem_brightness/juice_bottle_s{}.json"), "adx"),
+        ("adx", "[1, 1] (the paper's)", "1e-4"): (
+            _pattern("draem_brightness/juice_bottle_lr1e-4_s{}.json"),
+            "adx",
+        ),
+        ("adx", "[0, 1]", "1e-3"): (_pattern("draem_focal/juice_bottle_alpha0-1_s{}.json"), "adx"),
+        ("anomalib 2.7", "[0, 1] (as shipped)", "1e-4"): (
+            lambda s: _peer_report("DRAEM", "mvtec_loco/juice_bottle", s),
+            "peer",
+        ),
+        ("anomalib 2.7", "[1, 1] (the paper's)", "1e-4"): (
+            _pattern("draem_focal/juice_bottle_peer_alpha-none_s{}.json"),
+            "peer",
+        ),
+    },
 )
 
 # GANomaly on screw as shipped and on its brightness-equalised copy (tools/equalize_brightness.py)
-EQUAL_RUNS = {  # (side, data) -> (report of each seed, the side's key in it)
-    ("adx", "screw"): ("ganomaly_screw.json|seeds/ganomaly_screw_s{}.json", "adx"),
-    ("anomalib 2.7", "screw"): ("ganomaly_screw.json|seeds/ganomaly_screw_peer_s{}.json", "peer"),
-    ("adx", "screw, brightness equalised"): ("screw_equal/ganomaly_s{}.json", "adx"),
-    ("anomalib 2.7", "screw, brightness equalised"): ("screw_equal/ganomaly_peer_s{}.json", "peer"),
-}
-
-
-def _equal_file(pattern: str, seed: int) -> str:
-    """``first|rest``: seed 0's report is ``first``; otherwise the pattern for every seed."""
-    first, _, rest = pattern.rpartition("|")
-    return first if first and seed == 0 else rest.format(seed)
-
-
-def _ganomaly_equal(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["side", "images", "measure", *(f"seed {s}" for s in SEEDS), "mean"]
-    rows = []
-    for (side, data), (pattern, key) in EQUAL_RUNS.items():
-        for measure in ("image_AUROC", "pixel_AUROC"):
-            values = [reports[_equal_file(pattern, s)][key]["metrics"].get(measure) for s in SEEDS]
-            if None in values:  # the peer's GANomaly has no map
-                continue
-            cells = [fixed(3)(v) for v in (*values, sum(values) / len(values))]
-            rows.append([side, data, measure.replace("_", " "), *cells])
-    return header, rows
-
-
-GANOMALY_EQUAL = Rendered(
-    files=sorted({_equal_file(pattern, s) for pattern, _ in EQUAL_RUNS.values() for s in SEEDS}),
-    build=_ganomaly_equal,
+GANOMALY_EQUAL = per_seed_table(
+    ("side", "images"),
+    {
+        ("adx", "screw"): (
+            lambda s: _seed_file("ganomaly_screw.json", "seeds/ganomaly_screw", "adx", s),
+            "adx",
+        ),
+        ("anomalib 2.7", "screw"): (lambda s: _peer_report("GANomaly", "mvtec_ad/screw", s), "peer"),
+        ("adx", "screw, brightness equalised"): (_pattern("screw_equal/ganomaly_s{}.json"), "adx"),
+        ("anomalib 2.7", "screw, brightness equalised"): (
+            _pattern("screw_equal/ganomaly_peer_s{}.json"),
+            "peer",
+        ),
+    },
 )
 
 
@@ -790,7 +764,7 @@ TABLES: dict[str, Table | Transposed | Rendered] = {
     "reconstruction": RECONSTRUCTION,
     "reconstruction-vs-peer": SCRATCH_VS_PEER,
     "reconstruction-train-vs-peer": SCRATCH_TRAIN_VS_PEER,
-    "reconstruction-seeds-vs-peer": SEED_SWEEP,
+    "reconstruction-seeds-vs-peer": per_seed_table(("method", "category", "side"), _seed_runs()),
     "screw-brightness": SCORE_BRIGHTNESS,
     "brightness": BRIGHTNESS,
     "draem-focal": DRAEM_FOCAL,
