@@ -174,6 +174,8 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (seed sweeps)")
     args = parser.parse_args()
+    if args.focal_alpha is not None and args.model != "Draem":
+        parser.error(f"--focal-alpha applies to Draem only, not {args.model}")
     seed_everything(args.seed)
     steps = [Resize((args.image_size, args.image_size))]
     if args.backbone:
