@@ -704,26 +704,22 @@ def _same_padding(reports: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 SAME_PADDING = Rendered(files=["same_padding.json"], build=_same_padding)
 
 
-def _pattern(pattern: str) -> Callable[[int], str]:
-    return pattern.format
-
-
 # DRAEM on juice_bottle with each side's focal-loss class weights and the other's (adx: brightness 0.2)
 DRAEM_FOCAL = per_seed_table(
     ("side", "focal weights [normal, anomalous]", "lr"),
     {
-        ("adx", "[1, 1] (the paper's)", "1e-3"): (_pattern("draem_brightness/juice_bottle_s{}.json"), "adx"),
+        ("adx", "[1, 1] (the paper's)", "1e-3"): ("draem_brightness/juice_bottle_s{}.json".format, "adx"),
         ("adx", "[1, 1] (the paper's)", "1e-4"): (
-            _pattern("draem_brightness/juice_bottle_lr1e-4_s{}.json"),
+            "draem_brightness/juice_bottle_lr1e-4_s{}.json".format,
             "adx",
         ),
-        ("adx", "[0, 1]", "1e-3"): (_pattern("draem_focal/juice_bottle_alpha0-1_s{}.json"), "adx"),
+        ("adx", "[0, 1]", "1e-3"): ("draem_focal/juice_bottle_alpha0-1_s{}.json".format, "adx"),
         ("anomalib 2.7", "[0, 1] (as shipped)", "1e-4"): (
             lambda s: _peer_report("DRAEM", "mvtec_loco/juice_bottle", s),
             "peer",
         ),
         ("anomalib 2.7", "[1, 1] (the paper's)", "1e-4"): (
-            _pattern("draem_focal/juice_bottle_peer_alpha-none_s{}.json"),
+            "draem_focal/juice_bottle_peer_alpha-none_s{}.json".format,
             "peer",
         ),
     },
@@ -738,9 +734,9 @@ GANOMALY_EQUAL = per_seed_table(
             "adx",
         ),
         ("anomalib 2.7", "screw"): (lambda s: _peer_report("GANomaly", "mvtec_ad/screw", s), "peer"),
-        ("adx", "screw, brightness equalised"): (_pattern("screw_equal/ganomaly_s{}.json"), "adx"),
+        ("adx", "screw, brightness equalised"): ("screw_equal/ganomaly_s{}.json".format, "adx"),
         ("anomalib 2.7", "screw, brightness equalised"): (
-            _pattern("screw_equal/ganomaly_peer_s{}.json"),
+            "screw_equal/ganomaly_peer_s{}.json".format,
             "peer",
         ),
     },
